@@ -1,0 +1,97 @@
+"""RepOptAdamW: the exact gradient re-parameterization of AdamW (MATH (4)).
+
+One pair of moments (m, v) of the raw gradient G is kept per parameter, under torch's own state keys; a target conv's
+step is  W' <- W' (1 - lr wd) - lr m_hat * U  with U from the branch scales, instead of m_hat / (sqrt(v_hat) + eps).
+Parameters without branch scales go through torch's functional `adamw` unchanged (all its paths).
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+from torch.optim.adamw import adamw
+
+from .base import RepOptMixin
+
+
+class RepOptAdamW(RepOptMixin, torch.optim.AdamW):
+    _accepts_fixed_multiplier = False
+    _default_weight_decay = 1e-2
+
+    def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
+                 foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
+                 fused: bool | None = None, grad_mults: Mapping[Tensor, Any] | None = None):
+        self._init_multipliers(grad_mults)
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                         maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable,
+                         fused=fused)
+        self._check_all_bound()
+
+    def _state_of(self, p: Tensor, group) -> dict:
+        state = self.state[p]
+        if len(state) == 0:
+            on_device = group["capturable"] or group["fused"]
+            state["step"] = (torch.zeros((), dtype=torch.float32, device=p.device) if on_device
+                             else torch.tensor(0.0, dtype=torch.float32))
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["amsgrad"]:
+                state["max_exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
+        for gi, group in enumerate(self.param_groups):
+            plain = ([], [], [], [], [], [])
+            for p, bs in zip(group["params"], self._multipliers[gi]):
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("RepOptAdamW does not support sparse gradients")
+                state = self._state_of(p, group)
+                if bs is None:
+                    for lst, item in zip(plain, (p, p.grad, state["exp_avg"], state["exp_avg_sq"],
+                                                 state.get("max_exp_avg_sq"), state["step"])):
+                        if item is not None:
+                            lst.append(item)
+                else:
+                    self._step_target(p, bs, state, group, grad_scale, found_inf)
+            if plain[0]:
+                beta1, beta2 = group["betas"]
+                adamw(*plain, foreach=group["foreach"], capturable=group["capturable"],
+                      differentiable=group["differentiable"], fused=group["fused"], grad_scale=grad_scale,
+                      found_inf=found_inf, amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
+                      weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
+        return loss
+
+    @staticmethod
+    def _step_target(p: Tensor, bs, state: dict, group, grad_scale, found_inf) -> None:
+        if found_inf is not None and bool(found_inf.item()):
+            return  # the fused AMP path skips the whole step on inf/nan, and so do we
+        grad = p.grad if grad_scale is None else p.grad / grad_scale
+        if group["maximize"]:
+            grad = -grad
+        beta1, beta2 = group["betas"]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        state["step"] += 1
+        step = float(state["step"])
+        if wd != 0:
+            p.mul_(1 - lr * wd)
+        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+        exp_avg.lerp_(grad, 1 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
+        if group["amsgrad"]:
+            torch.maximum(state["max_exp_avg_sq"], exp_avg_sq, out=state["max_exp_avg_sq"])
+            exp_avg_sq = state["max_exp_avg_sq"]
+        bias_correction1 = 1 - beta1 ** step
+        bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
+        factor = bs.adamw_factor(exp_avg_sq.sqrt() / bias_correction2_sqrt, eps)
+        p.addcmul_(exp_avg, factor, value=-lr / bias_correction1)

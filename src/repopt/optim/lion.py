@@ -1,0 +1,57 @@
+"""Lion (Chen et al. 2023, "Symbolic Discovery of Optimization Algorithms") and its exact RepOpt form (MATH (5)).
+
+    c = beta1 m + (1 - beta1) g;   p <- p (1 - lr wd) - lr L * sign(c);   m <- beta2 m + (1 - beta2) g
+
+with L = 1 for plain parameters and L = sum_b |alpha_b| E_b(1) + D(1) for a target conv. torch has no Lion, so
+RepOptLion without multipliers *is* the plain Lion.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor
+
+from .base import RepOptMixin
+
+
+class RepOptLion(RepOptMixin, torch.optim.Optimizer):
+    _default_weight_decay = 0.0
+
+    def __init__(self, params, lr: float | Tensor = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0, *,
+                 maximize: bool = False, grad_mults: Mapping[Tensor, Any] | None = None):
+        if lr < 0.0:
+            raise ValueError(f"Invalid learning rate: {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"Invalid betas: {betas}")
+        if weight_decay < 0.0:
+            raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        self._init_multipliers(grad_mults)
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize))
+        self._check_all_bound()
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for gi, group in enumerate(self.param_groups):
+            beta1, beta2 = group["betas"]
+            lr, wd = group["lr"], group["weight_decay"]
+            for p, mult in zip(group["params"], self._multipliers[gi]):
+                if p.grad is None:
+                    continue
+                grad = -p.grad if group["maximize"] else p.grad
+                state = self.state[p]
+                if len(state) == 0:
+                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                exp_avg = state["exp_avg"]
+                if wd != 0:
+                    p.mul_(1 - lr * wd)
+                update = exp_avg.mul(beta1).add_(grad, alpha=1 - beta1).sign_()
+                if mult is not None:
+                    update = mult.apply_lion(update)
+                p.add_(update, alpha=-lr)
+                exp_avg.mul_(beta2).add_(grad, alpha=1 - beta2)
+        return loss

@@ -6,6 +6,8 @@ from .branches import IDENTITY, BranchError, BranchSet, ConvGeometry
 from .optim import RepOptAdamW, RepOptLion, RepOptSGD, param_groups
 from .reinit import ReinitError, apply_rule_of_initialization
 from .scales import Scales, ScalesError, load_scales, save_scales
+from .search import extract_scales, to_hyper_search
+from . import models
 from .targets import find_target_convs
 
 __version__ = "0.1.0"
@@ -13,5 +15,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BranchSet", "BranchError", "ConvGeometry", "IDENTITY", "RepOptSGD", "RepOptAdamW", "RepOptLion",
     "param_groups", "Scales", "ScalesError", "load_scales", "save_scales", "find_target_convs",
-    "apply_rule_of_initialization", "ReinitError",
+    "apply_rule_of_initialization", "ReinitError", "to_hyper_search", "extract_scales", "models",
 ]

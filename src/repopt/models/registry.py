@@ -1,0 +1,57 @@
+"""Model names -> builders: `repopt.models.create(name, mode=..., num_classes=...)` and `list_models()`."""
+from __future__ import annotations
+
+from typing import Callable
+
+from torch import nn
+
+from .ghostnet import RepOptGhostNet
+from .vgg import CONFIGS, RepOptVGG
+
+_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str, builder: Callable[..., nn.Module]) -> None:
+    """Add a builder `builder(mode=..., num_classes=..., **options) -> nn.Module` under `name`."""
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} is already registered")
+    _REGISTRY[name] = builder
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def create(name: str, mode: str = "target", num_classes: int = 1000, scales=None, **options) -> nn.Module:
+    """Build a registered model.
+
+    mode: 'target' (conv-BN-ReLU, what RepOpt trains), 'hs' (trainable branch scales), 'csla' (constant conv-branch
+    scales, trainable identity) or 'repvgg' (structural re-parameterization baseline; VGG family only).
+    scales: for 'hs'/'csla', a repopt.Scales (or path) whose values replace the initial scales.
+    options: passed to the builder, e.g. strides=(1, 1, 2, 2, 2) or in_channels=1 for RepOpt-VGG.
+    """
+    builder = _REGISTRY.get(name)
+    if builder is None:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
+    model = builder(mode=mode, num_classes=num_classes, **options)
+    if scales is not None:
+        if mode not in ("hs", "csla"):
+            raise ValueError(f"scales= only applies to modes 'hs' and 'csla' (got mode {mode!r}); a target model "
+                             f"takes its scales through the optimizer (RepOptSGD.from_scales)")
+        from ..search import set_scales
+
+        set_scales(model, scales)
+    return model
+
+
+def _vgg_builder(name: str):
+    def build(mode: str = "target", num_classes: int = 1000, **options) -> nn.Module:
+        return RepOptVGG(CONFIGS[name], mode=mode, num_classes=num_classes, arch=name, **options)
+    return build
+
+
+for _name in CONFIGS:
+    register(_name, _vgg_builder(_name))
+register("repopt_ghostnet_0_5x",
+         lambda mode="target", num_classes=1000, **o: RepOptGhostNet(0.5, mode, num_classes, arch="repopt_ghostnet_0_5x",
+                                                                    **o))

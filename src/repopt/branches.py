@@ -28,7 +28,11 @@ _BRANCH_NAME = re.compile(r"^(\d+)x(\d+)(?:_[A-Za-z0-9]+)?$")
 
 
 class BranchError(ValueError):
-    """A branch description that cannot stand for the given target conv."""
+    """A branch description that cannot stand for the given target conv; `.layer` and `.reason` hold the parts."""
+
+    def __init__(self, message: str, layer: str | None = None):
+        super().__init__(f"{layer}: {message}" if layer else message)
+        self.layer, self.reason = layer, message
 
 
 def branch_kernel_size(name: str) -> tuple[int, int] | None:
@@ -132,23 +136,26 @@ class BranchSet:
             if vec.numel() == 1 and geometry.out_channels != 1:
                 vec = vec.expand(geometry.out_channels).clone()
             if vec.numel() != geometry.out_channels:
-                raise BranchError(f"{name}: branch {branch!r} has {vec.numel()} scales but the conv has "
-                                  f"{geometry.out_channels} output channels")
+                raise BranchError(f"branch {branch!r} has {vec.numel()} scales but the conv has "
+                                  f"{geometry.out_channels} output channels", name)
             if not torch.isfinite(vec).all():
-                raise BranchError(f"{name}: branch {branch!r} holds NaN or inf scales")
-            size = branch_kernel_size(branch)
+                raise BranchError(f"branch {branch!r} holds NaN or inf scales", name)
+            try:
+                size = branch_kernel_size(branch)
+            except BranchError as e:
+                raise BranchError(e.reason, name) from None
             if size is None:
                 reason = geometry.identity_reason()
                 if reason is not None:
-                    raise BranchError(f"{name}: an identity branch is impossible here ({reason})")
+                    raise BranchError(f"an identity branch is impossible here ({reason})", name)
                 self.identity_scale = vec
                 continue
             bh, bw = size
             if bh > kh or bw > kw or (kh - bh) % 2 or (kw - bw) % 2:
-                raise BranchError(f"{name}: branch {branch!r} cannot be centred in the {kh}x{kw} kernel")
+                raise BranchError(f"branch {branch!r} cannot be centred in the {kh}x{kw} kernel", name)
             self.conv_scales[branch] = vec
         if not self.conv_scales and self.identity_scale is None:
-            raise BranchError(f"{name}: no branches given")
+            raise BranchError(f"no branches given", name)
         self._tables: dict[tuple, Tensor] = {}
 
     # ---- description -------------------------------------------------------------------------------------------

@@ -49,7 +49,9 @@ class Scales(MutableMapping):
                 branch_kernel_size(branch)
             except BranchError as e:
                 raise ScalesError(f"{name}: {e}") from None
-            entry[branch] = torch.as_tensor(value).detach().to("cpu", torch.float32).reshape(-1).clone()
+            t = torch.as_tensor(value).detach().to("cpu")
+            # float64 scales stay float64 (the proofs need them exact); anything else becomes float32
+            entry[branch] = t.to(t.dtype if t.dtype == torch.float64 else torch.float32).reshape(-1).clone()
         self._entries[name] = entry
 
     def __delitem__(self, name: str) -> None:
@@ -86,7 +88,7 @@ class Scales(MutableMapping):
             try:
                 bound[name] = (conv, BranchSet(ConvGeometry.of(conv), branches, name=name))
             except BranchError as e:
-                raise ScalesError(f"layer {e}{where}") from None
+                raise ScalesError(f"layer {name!r}{where}: {e.reason}") from None
         if strict:
             missing = [n for n in find_target_convs(model) if n not in bound]
             if missing:

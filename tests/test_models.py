@@ -108,7 +108,7 @@ def test_extract_scales_keys_are_target_conv_names():
     assert set(scales["stage2.1.conv"]) == {"3x3", "1x1", "identity"} and set(scales["stage0.conv"]) == {"3x3", "1x1"}
     scales.bind(target)  # strict: every target conv covered
     # and back: a CSLA model built with those scales holds them as constants
-    for n, v in scales["stage2.1.conv"].items():
+    for v in scales["stage2.1.conv"].values():
         v.mul_(-0.5)
     csla = create("repopt_vgg_tiny", mode="csla", num_classes=10, scales=scales)
     assert torch.equal(csla.stage2[1].conv.scale_3x3, scales["stage2.1.conv"]["3x3"])

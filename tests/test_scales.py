@@ -45,7 +45,8 @@ def test_released_vgg_files_bind(arch, file):
 def test_l1_layout_matches_the_file():
     sd = raw(FILES["repopt_vgg_l1"])
     blocks = [1] + [len({k.split(".")[1] for k in sd if k.startswith(f"stage{s}.")}) for s in range(1, 5)]
-    chans = [sd["stage0.scale_conv.weight"].numel()] + [sd[f"stage{s}.0.scale_conv.weight"].numel() for s in range(1, 5)]
+    chans = [sd["stage0.scale_conv.weight"].numel()]
+    chans += [sd[f"stage{s}.0.scale_conv.weight"].numel() for s in range(1, 5)]
     assert blocks == [1, 8, 14, 24, 1] and chans == [64, 128, 256, 512, 2048]
     model = meta("repopt_vgg_l1")
     assert [1] + [len(getattr(model, f"stage{s}")) for s in range(1, 5)] == blocks

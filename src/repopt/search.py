@@ -8,7 +8,7 @@ trained scales back as a repopt.Scales keyed by the original conv names (MATH.md
 from __future__ import annotations
 
 import copy
-from typing import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import nn

@@ -5,7 +5,7 @@ hyper-search / CSLA twin have the same conv names and one scales file keys both.
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 from torch import Tensor, nn
 

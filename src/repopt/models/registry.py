@@ -1,7 +1,7 @@
 """Model names -> builders: `repopt.models.create(name, mode=..., num_classes=...)` and `list_models()`."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 
@@ -52,6 +52,10 @@ def _vgg_builder(name: str):
 
 for _name in CONFIGS:
     register(_name, _vgg_builder(_name))
-register("repopt_ghostnet_0_5x",
-         lambda mode="target", num_classes=1000, **o: RepOptGhostNet(0.5, mode, num_classes, arch="repopt_ghostnet_0_5x",
-                                                                    **o))
+
+
+def _ghostnet_0_5x(mode: str = "target", num_classes: int = 1000, **options) -> nn.Module:
+    return RepOptGhostNet(0.5, mode, num_classes, arch="repopt_ghostnet_0_5x", **options)
+
+
+register("repopt_ghostnet_0_5x", _ghostnet_0_5x)

@@ -27,7 +27,7 @@ class VGGConfig:
     strides: tuple[int, int, int, int, int] = (2, 2, 2, 2, 2)
 
     @classmethod
-    def from_multipliers(cls, blocks, multipliers, strides=(2, 2, 2, 2, 2)) -> "VGGConfig":
+    def from_multipliers(cls, blocks, multipliers, strides=(2, 2, 2, 2, 2)) -> VGGConfig:
         # RepVGG's rule: base widths 64, 128, 256, 512 times the stage multiplier; the stem never exceeds 64.
         widths = tuple(int(base * m) for base, m in zip((64, 128, 256, 512), multipliers))
         return cls(min(64, int(64 * multipliers[0])), widths, tuple(blocks), tuple(strides))
@@ -107,4 +107,6 @@ class RepOptVGG(nn.Module):
     def hs_scale_init(self, conv_name: str) -> float:
         """The HS init for the conv-branch scales of `conv_name` (used by repopt.to_hyper_search)."""
         parts = conv_name.split(".")
-        return 1.0 if parts[0] == "stage0" else hs_scale_init(int(parts[1]))
+        if len(parts) == 3 and parts[0] in ("stage1", "stage2", "stage3", "stage4") and parts[1].isdigit():
+            return hs_scale_init(int(parts[1]))
+        return 1.0  # the stem, or a conv outside the block structure

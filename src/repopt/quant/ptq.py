@@ -11,11 +11,9 @@ from __future__ import annotations
 import dataclasses
 import functools
 import importlib.metadata
-import logging
 import os
 import statistics
 import time
-import warnings
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Callable, Iterable
@@ -24,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._extras import MissingExtraError, quiet, require
 from .fold import fold_batchnorm
 
 
-class QuantDependencyError(ImportError):
+class QuantDependencyError(MissingExtraError):
     """torchao (the `quant` extra) is not installed."""
 
 
@@ -36,25 +35,11 @@ def _torchao() -> SimpleNamespace:
     # On a CPU-only torch torchao's CUDA extension files cannot load and each one logs a warning; skip them.
     if torch.version.cuda is None:
         os.environ.setdefault("TORCHAO_FORCE_SKIP_LOADING_SO_FILES", "1")
-    quiet = [logging.getLogger(n) for n in ("torchao", "torch.utils._pytree")]
-    levels = [log.level for log in quiet]
-    for log in quiet:  # import-time chatter that says nothing about the user's model
-        log.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)  # torch.jit decorators inside torchao's observers
-            from torchao.quantization import pt2e
-            from torchao.quantization.pt2e import quantize_pt2e
-            from torchao.quantization.pt2e.lowering import lower_pt2e_quantized_to_x86
-            from torchao.quantization.pt2e.quantizer import x86_inductor_quantizer as xiq
-    except ImportError as e:
-        raise QuantDependencyError(
-            f"INT8 quantization needs torchao, which is not importable ({e}); install it with "
-            "pip install 'repopt[quant]'.") from e
-    finally:
-        for log, level in zip(quiet, levels):
-            log.setLevel(level)
-    return SimpleNamespace(pt2e=pt2e, qp=quantize_pt2e, xiq=xiq, lower=lower_pt2e_quantized_to_x86)
+    with quiet("torchao", "torch.utils._pytree"):
+        mods = [require(f"torchao.quantization.pt2e{sub}", "quant", "INT8 quantization", QuantDependencyError)
+                for sub in ("", ".quantize_pt2e", ".lowering", ".quantizer.x86_inductor_quantizer")]
+    pt2e, quantize_pt2e, lowering, xiq = mods
+    return SimpleNamespace(pt2e=pt2e, qp=quantize_pt2e, xiq=xiq, lower=lowering.lower_pt2e_quantized_to_x86)
 
 
 def cpu_has_vnni() -> bool:
@@ -212,8 +197,7 @@ def _export(model: nn.Module, example: Tensor) -> nn.Module:
 
 def _lower(prepared: nn.Module, example: Tensor, settings: QuantSettings) -> Int8Model:
     ao = _torchao()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning, UserWarning))
+    with quiet(categories=(DeprecationWarning, FutureWarning, UserWarning)):
         converted = ao.qp.convert_pt2e(prepared)
         with torch.no_grad():
             graph = ao.lower(converted, (example,))
@@ -235,8 +219,7 @@ def quantize_ptq(model: nn.Module, calib_batches: Iterable, settings: QuantSetti
     example = next(it, None)
     if example is None:
         raise ValueError("quantize_ptq needs at least one calibration batch")
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
+    with torch.no_grad(), quiet():
         prepared = ao.qp.prepare_pt2e(_export(deployed, example), _quantizer(s))
         prepared(example)
         for x in it:
@@ -262,8 +245,7 @@ def quantize_qat(model: nn.Module, train_batches: Iterable, settings: QuantSetti
     if first is None:
         raise ValueError("quantize_qat needs at least one training batch")
     example = first[0]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", (DeprecationWarning, FutureWarning))
+    with quiet():
         prepared = ao.qp.prepare_qat_pt2e(_export(deployed, example), _quantizer(s))
     opt = torch.optim.SGD(prepared.parameters(), lr=s.qat_lr, momentum=s.qat_momentum,
                           weight_decay=s.qat_weight_decay)

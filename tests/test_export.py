@@ -1,0 +1,47 @@
+"""ONNX export of the deployed network, checked against PyTorch with onnxruntime (the `export` extra)."""
+from __future__ import annotations
+
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+from repopt.quant import ExportDependencyError, check_onnx, export_onnx
+
+REASON = "ONNX export needs the `export` extra: pip install 'repopt[export]'"
+
+
+def target_net() -> nn.Module:
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                      nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
+    with torch.no_grad():
+        for bn in (m[1], m[4]):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2.0)
+            bn.weight.uniform_(0.5, 1.5)
+    return m.eval()
+
+
+def test_export_parity(tmp_path):
+    for module in ("onnx", "onnxscript", "onnxruntime"):
+        pytest.importorskip(module, reason=REASON)
+    import onnx
+
+    model, example = target_net(), torch.randn(4, 3, 16, 16)
+    path = export_onnx(model, example, tmp_path / "model.onnx")
+    assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # written whole, no temp file left
+    graph = onnx.load(path).graph
+    ops = {n.op_type for n in graph.node}
+    assert "Conv" in ops and "BatchNormalization" not in ops  # the deployed (folded) plain network
+    assert check_onnx(path, model, example) < 1e-4
+    assert check_onnx(path, model, torch.randn(7, 3, 16, 16)) < 1e-4  # dynamic batch
+
+
+def test_export_without_onnx(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnx", None)
+    with pytest.raises(ExportDependencyError, match=r"pip install 'repopt\[export\]'"):
+        export_onnx(target_net(), torch.randn(1, 3, 8, 8), tmp_path / "m.onnx")
+    assert not list(tmp_path.iterdir())

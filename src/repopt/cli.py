@@ -21,11 +21,14 @@ class UserError(Exception):
 
 def _known_errors() -> tuple[type[BaseException], ...]:
     from .branches import BranchError
+    from .checkpoint import CheckpointError
+    from .data import DataError
     from .reinit import ReinitError
     from .scales import ScalesError
+    from .train import TrainingError
 
-    return (UserError, ScalesError, BranchError, ReinitError, FileNotFoundError, NotADirectoryError,
-            PermissionError, IsADirectoryError)
+    return (UserError, ScalesError, BranchError, ReinitError, CheckpointError, DataError, TrainingError,
+            FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,46 @@
+"""`repopt eval`: top-1 of a trained model on a dataset."""
+from __future__ import annotations
+
+import json
+
+NAME = "eval"
+HELP = "Evaluate a trained model (a run directory, its model.safetensors or checkpoint.pt) on a dataset."
+EXAMPLES = """examples:
+  repopt eval runs/repopt                    # on the dataset it was trained on
+  repopt eval runs/repvgg --deploy --json    # the fused (deployed) RepVGG
+  repopt eval runs/repopt --dataset cifar10 --data-dir ~/data
+"""
+
+
+def add_arguments(p) -> None:
+    from ..data import DATASETS
+
+    p.add_argument("checkpoint", help="run directory, model.safetensors or checkpoint.pt")
+    p.add_argument("--dataset", default=None, choices=DATASETS, help="default: the training dataset")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--deploy", action="store_true", help="evaluate the deployed form (RepVGG fused)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+
+
+def run(args) -> int:
+    from ..checkpoint import load_trained
+    from ..data import load_dataset
+    from ..train import evaluate, resolve_device
+
+    model, cfg = load_trained(args.checkpoint, deploy=args.deploy)
+    dataset = args.dataset or cfg["dataset"]
+    data_dir = args.data_dir if args.dataset else cfg.get("data_dir")
+    ds = load_dataset(dataset, data_dir, cfg.get("image_size"))
+    if ds.num_classes != cfg["num_classes"]:
+        from ..cli import UserError
+
+        raise UserError(f"the model has {cfg['num_classes']} classes but {dataset} has {ds.num_classes}")
+    device = resolve_device(args.device)
+    top1, loss = evaluate(model.to(device), ds.test_batches(args.batch_size, device=device))
+    out = {"checkpoint": args.checkpoint, "method": cfg["method"], "arch": cfg["arch"], "dataset": dataset,
+           "top1": top1, "loss": loss, "deployed": args.deploy}
+    print(json.dumps(out, indent=2) if args.json else f"{cfg['method']} {cfg['arch']} on {dataset}: top-1 "
+          f"{top1:.2f}% (loss {loss:.4f})")
+    return 0

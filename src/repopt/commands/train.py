@@ -1,0 +1,51 @@
+"""`repopt train`: train one model (repopt, repvgg, plain or the hyper-search model)."""
+from __future__ import annotations
+
+import json
+
+NAME = "train"
+HELP = "Train a model: RepOpt (plain target + RepOpt optimizer), the RepVGG or plain baseline, or the HS model."
+EXAMPLES = """examples:
+  repopt train --method repopt --epochs 30 --out runs/repopt      # searches scales first (OUT/search), then trains
+  repopt train --method repopt --scales RepOpt-VGG-B1.safetensors --arch repopt_vgg_b1 --dataset folder \\
+      --data-dir /data/imagenet --image-size 224 --batch-size 256 --epochs 120
+  repopt train --method repvgg --dataset cifar10 --data-dir ~/data --out runs/repvgg
+  torchrun --nproc_per_node=2 -m repopt train --method plain --out runs/plain-ddp
+Re-running the same command with the same --out resumes from the last checkpoint.
+"""
+
+
+def add_arguments(p) -> None:
+    from ..train import METHODS, OPTIMIZERS
+    from .common import add_training_arguments
+
+    p.add_argument("--method", default="repopt", choices=METHODS)
+    p.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS)
+    p.add_argument("--scales", default=None, help="scales file (safetensors or a released .pth) for --method "
+                                                  "repopt; without it the hyper-search runs first")
+    p.add_argument("--identity-init", default="searched", choices=["searched", "one"],
+                   help="rule of initialization: searched identity scale (default) or 1 (the paper's formula)")
+    p.add_argument("--grad-clip", type=float, default=None, help="global-norm gradient clipping (refused with "
+                                                                 "repopt: it breaks the equivalence)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.add_argument("--list-archs", action="store_true", help="list the model names and exit")
+    add_training_arguments(p, "runs/train")
+
+
+def run(args) -> int:
+    from ..models import list_models
+    from ..runs import train_repopt
+    from .common import config_from_args
+
+    if args.list_archs:
+        print("\n".join(list_models()))
+        return 0
+    cfg = config_from_args(args, args.method, args.out, scales=args.scales, identity_init=args.identity_init,
+                           grad_clip=args.grad_clip)
+    result = train_repopt(cfg, args.hs_epochs)
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"{result['method']}: top-1 {result['top1']:.2f}% after {result['epochs']} epochs "
+              f"({result['train_images_per_s']:.0f} images/s); weights in {result['out']}/model.safetensors")
+    return 0

@@ -1,0 +1,57 @@
+"""Per-epoch metrics (JSON lines) and the PNG plots of the curves."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+class MetricsLog:
+    """Appends one JSON line per epoch; on resume, drops lines past the epoch being resumed from."""
+
+    def __init__(self, path: Path, enabled: bool = True, keep_epochs: int = 0):
+        self.path, self.enabled = Path(path), enabled
+        if enabled:
+            kept = [r for r in read_metrics(self.path) if r.get("epoch", 0) <= keep_epochs] if keep_epochs else []
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+
+    def write(self, record: dict) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def read_metrics(path: Path) -> list[dict]:
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def plot_curves(runs: dict[str, Path], path: Path, quiet: bool = False) -> Path | None:
+    """Train loss and test top-1 per epoch for each run, side by side. Returns None when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        if not quiet:
+            print("matplotlib is not installed: no plot (pip install 'repopt[plot]')")
+        return None
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    for label, metrics_path in runs.items():
+        rows = read_metrics(metrics_path)
+        if not rows:
+            continue
+        epochs = [r["epoch"] for r in rows]
+        ax_loss.plot(epochs, [r["train_loss"] for r in rows], label=label)
+        ax_acc.plot(epochs, [r["test_top1"] for r in rows], label=label)
+    ax_loss.set(xlabel="epoch", ylabel="train loss", title="training loss")
+    ax_acc.set(xlabel="epoch", ylabel="test top-1 (%)", title="test accuracy")
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)

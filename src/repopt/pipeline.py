@@ -1,0 +1,86 @@
+"""`repopt pipeline`: hyper-search -> train repopt, repvgg and plain (same epochs, seed, data) -> eval -> INT8 -> report.
+
+Every stage writes into its own folder under OUT and is skipped when already finished, so an interrupted pipeline
+re-run with the same command picks up where it stopped.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from .metrics import plot_curves
+from .runs import finished_result, hs_config, search_scales
+from .train import TrainConfig, train
+
+METHODS = ("repopt", "repvgg", "plain")
+
+
+def int8_column(run_dir: Path, cfg: TrainConfig, calib_batches: int = 8, quiet: bool = True) -> dict | None:
+    """INT8 PTQ top-1 of a finished run's deployed model, or None when the `quant` extra is missing."""
+    try:
+        from .quant import QuantDependencyError, QuantSettings, evaluate_top1, quantize_ptq
+        from .quant.ptq import _torchao
+
+        _torchao()
+    except (ImportError, QuantDependencyError):
+        if not quiet:
+            print("torchao is not installed: no INT8 column (pip install 'repopt[quant]')")
+        return None
+    from .checkpoint import load_trained
+    from .data import load_dataset
+
+    model, conf = load_trained(run_dir, deploy=True)
+    ds = load_dataset(conf["dataset"], conf.get("data_dir"), conf.get("image_size"))
+    settings = QuantSettings(calib_batches=calib_batches)
+    int8 = quantize_ptq(model, ds.calibration_batches(calib_batches, 64), settings)
+    return {"int8_top1": evaluate_top1(int8, ds.test_batches(64)), "int8_settings": settings.to_dict()}
+
+
+def run_pipeline(base: TrainConfig, hs_epochs: int, methods=METHODS, int8: bool = True) -> dict:
+    out = Path(base.out)
+    out.mkdir(parents=True, exist_ok=True)
+    say = (lambda msg: None) if base.quiet else (lambda msg: print(f"[pipeline] {msg}", flush=True))
+    say(f"hyper-search: {base.arch} on {base.dataset}, {hs_epochs} epochs -> {out / 'search'}")
+    scales, hs_result = search_scales(hs_config(base, out / "search", hs_epochs))
+    rows = []
+    for method in methods:
+        cfg = dataclasses.replace(base, method=method, out=str(out / method),
+                                  scales=str(scales) if method == "repopt" else None)
+        say(f"train {method}: {cfg.epochs} epochs -> {cfg.out}")
+        result = finished_result(Path(cfg.out)) or train(cfg)
+        row = {k: result[k] for k in ("method", "top1", "train_seconds", "train_images_per_s", "params")}
+        row["deployed_top1"] = result["deployed_top1"]
+        if int8:
+            say(f"int8 {method}")
+            q = int8_column(Path(cfg.out), cfg, quiet=base.quiet)
+            if q is not None:
+                row["int8_top1"] = q["int8_top1"]
+                report_settings = q["int8_settings"]
+        rows.append(row)
+    report = {"dataset": base.dataset, "arch": base.arch, "epochs": base.epochs, "hs_epochs": hs_epochs,
+              "seed": base.seed, "batch_size": base.batch_size, "optimizer": base.optimizer,
+              "hs_top1": hs_result["top1"], "scales": str(scales), "results": rows}
+    if int8 and any("int8_top1" in r for r in rows):
+        report["int8_settings"] = report_settings
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    (out / "report.md").write_text(report_markdown(report))
+    plot_curves({m: out / m / "metrics.jsonl" for m in methods}, out / "curves.png", quiet=True)
+    return report
+
+
+def report_markdown(report: dict) -> str:
+    has_int8 = any("int8_top1" in r for r in report["results"])
+    head = "| method | top-1 (%) |" + (" INT8 top-1 (%) |" if has_int8 else "") + \
+        " train s | train img/s | deployed params |"
+    lines = [f"# repopt pipeline: {report['arch']} on {report['dataset']}", "",
+             f"{report['epochs']} epochs (hyper-search {report['hs_epochs']} epochs), batch {report['batch_size']}, "
+             f"{report['optimizer']}, seed {report['seed']}.", "", head,
+             "|" + "---|" * (head.count("|") - 1)]
+    for r in report["results"]:
+        int8 = f" {r['int8_top1']:.2f} |" if has_int8 and "int8_top1" in r else (" - |" if has_int8 else "")
+        lines.append(f"| {r['method']} | {r['top1']:.2f} |{int8} {r['train_seconds']:.1f} | "
+                     f"{r['train_images_per_s']:.0f} | {r['params']:,} |")
+    lines += ["", "The hyper-search model's own accuracy is not a quality signal "
+              f"(HS top-1 here: {report['hs_top1']:.2f}%).", ""]
+    return "\n".join(lines)

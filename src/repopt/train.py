@@ -1,0 +1,331 @@
+"""The training loop: one function, `train(config)`, for every method (repopt, repvgg, plain, hs).
+
+Data lives on the device and is augmented in batches; the LR follows a per-iteration warmup + cosine schedule; a
+checkpoint is written atomically after every epoch and re-running the same command resumes from it. Under `torchrun`
+each rank trains its slice of the same global batch (DDP; gloo on CPU, nccl on CUDA) and rank 0 writes.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import distributed as dist
+from .checkpoint import CHECKPOINT, MODEL, RESULT, CheckpointError, load_checkpoint, mode_of, save_checkpoint, \
+    save_model
+from .metrics import MetricsLog
+
+METHODS = ("repopt", "repvgg", "plain", "hs")
+OPTIMIZERS = ("sgd", "adamw", "lion")
+DEFAULT_LR = {"sgd": 0.1, "adamw": 2e-3, "lion": 2e-4}
+DEFAULT_WD = {"sgd": 5e-4, "adamw": 0.05, "lion": 0.5}
+# what must match between a checkpoint and the command that resumes it
+RESUME_KEYS = ("method", "arch", "dataset", "image_size", "optimizer", "epochs", "batch_size", "lr", "weight_decay",
+               "seed", "accumulate", "label_smoothing", "warmup_epochs", "momentum", "nesterov", "model_options")
+
+
+class TrainingError(RuntimeError):
+    """Training cannot go on (bad settings, a diverged loss)."""
+
+
+@dataclass
+class TrainConfig:
+    method: str = "repopt"
+    arch: str = "repopt_vgg_tiny"
+    dataset: str = "digits"
+    data_dir: str | None = None
+    image_size: int | None = None
+    optimizer: str = "sgd"
+    epochs: int = 30
+    batch_size: int = 64            # global batch per optimizer step, over all ranks
+    lr: float | None = None         # default per optimizer (DEFAULT_LR)
+    weight_decay: float | None = None
+    momentum: float = 0.9
+    nesterov: bool = True
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.1
+    accumulate: int = 1             # micro-batches per optimizer step
+    grad_clip: float | None = None  # global-norm clipping; refused with repopt (it breaks the equivalence)
+    scales: str | None = None       # scales file for method repopt
+    identity_init: str = "searched"
+    amp: bool = False               # bf16 autocast on CPU, fp16 + GradScaler on CUDA
+    channels_last: bool = False
+    ema: float | None = None        # EMA decay of the weights used for evaluation, e.g. 0.999
+    seed: int = 0
+    device: str = "auto"
+    out: str = "runs/train"
+    quiet: bool = False
+    model_options: dict = field(default_factory=dict)
+    num_classes: int | None = None  # filled in from the dataset
+
+    def __post_init__(self):
+        if self.lr is None:
+            self.lr = DEFAULT_LR.get(self.optimizer, 0.1)
+        if self.weight_decay is None:
+            self.weight_decay = DEFAULT_WD.get(self.optimizer, 0.0)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise TrainingError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise TrainingError(f"unknown optimizer {self.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+        if self.epochs < 1:
+            raise TrainingError(f"--epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1 or self.accumulate < 1:
+            raise TrainingError(f"--batch-size and --accumulate must be positive, got {self.batch_size} and "
+                                f"{self.accumulate}")
+        if self.method == "repopt" and self.grad_clip:
+            raise TrainingError("gradient clipping is refused with RepOpt: clipping by the global norm is not an "
+                                "elementwise constant map, so the target conv would no longer train as its "
+                                "multi-branch block (train without --grad-clip)")
+        if self.method == "repopt" and not self.scales:
+            raise TrainingError("method repopt needs a scales file (or use `repopt train`, which searches them "
+                                "first when --scales is not given)")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise TrainingError(f"unknown device {name!r} (use cpu, cuda, cuda:N or auto)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise TrainingError(f"device {name!r} was asked for but CUDA is not available here")
+    return dev
+
+
+def build_model(cfg: TrainConfig) -> nn.Module:
+    from .models import create
+
+    try:
+        return create(cfg.arch, mode=mode_of(cfg.method), num_classes=cfg.num_classes, **cfg.model_options)
+    except ValueError as e:
+        raise TrainingError(str(e)) from None
+
+
+def build_optimizer(cfg: TrainConfig, model: nn.Module, fresh: bool):
+    from .optim import RepOptAdamW, RepOptLion, RepOptSGD, param_groups
+    from .scales import load_scales
+    from .search import hs_param_groups
+
+    kwargs = {"sgd": dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0),
+              "adamw": dict(lr=cfg.lr), "lion": dict(lr=cfg.lr)}[cfg.optimizer]
+    if cfg.optimizer in ("sgd", "adamw"):
+        kwargs["fused"] = True  # torch's fastest path on CPU and CUDA
+    if cfg.method == "repopt":
+        cls = {"sgd": RepOptSGD, "adamw": RepOptAdamW, "lion": RepOptLion}[cfg.optimizer]
+        return cls.from_scales(model, load_scales(cfg.scales), reinit=fresh, identity_init=cfg.identity_init,
+                               weight_decay=cfg.weight_decay, **kwargs)
+    groups = hs_param_groups(model, cfg.weight_decay) if cfg.method == "hs" else \
+        param_groups(model, cfg.weight_decay)
+    cls = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "lion": RepOptLion}[cfg.optimizer]
+    return cls(groups, **kwargs)
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int):
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / warmup_steps
+        t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+    return factor
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches, device=None) -> tuple[float, float]:
+    """(top-1 accuracy in %, mean cross-entropy) over `batches` of (x, y)."""
+    was_training = model.training
+    model.eval()
+    correct = total = 0
+    loss = 0.0
+    for x, y in batches:
+        logits = model(x).float()
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+        total += y.numel()
+    model.train(was_training)
+    return 100.0 * correct / max(total, 1), loss / max(total, 1)
+
+
+def _prepare_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise TrainingError(f"output directory {str(out)!r} is not writable ({e.strerror})") from None
+
+
+def _check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
+    for key in RESUME_KEYS:
+        if saved.get(key) != getattr(cfg, key):
+            raise CheckpointError(f"{path} was written by a run with {key}={saved.get(key)!r}, but this command has "
+                                  f"{key}={getattr(cfg, key)!r}; use another --out or the same settings to resume")
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train (or resume) one run into cfg.out; returns the result dict also written to OUT/result.json."""
+    from tqdm import tqdm
+
+    from .data import load_dataset
+
+    cfg.validate()
+    rank, world, device = dist.setup(resolve_device(cfg.device))
+    try:
+        ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size)
+        cfg.num_classes, cfg.image_size = ds.num_classes, ds.image_size
+        if cfg.batch_size % (world * cfg.accumulate):
+            raise TrainingError(f"--batch-size {cfg.batch_size} must be divisible by world size x --accumulate = "
+                                f"{world * cfg.accumulate}")
+        if cfg.batch_size > ds.num_train:
+            raise TrainingError(f"--batch-size {cfg.batch_size} is larger than the {ds.num_train} training images "
+                                f"of {cfg.dataset}")
+        out = Path(cfg.out)
+        if rank == 0:
+            _prepare_out(out)
+        ckpt_path = out / CHECKPOINT
+        resume = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
+        if resume is not None:
+            _check_resumable(resume["config"], cfg, ckpt_path)
+
+        torch.manual_seed(cfg.seed)
+        model = build_model(cfg)
+        optimizer = build_optimizer(cfg, model, fresh=resume is None)
+        model.to(device)
+        if cfg.channels_last:
+            model.to(memory_format=torch.channels_last)
+        per_rank = cfg.batch_size // world
+        steps_per_epoch = ds.steps_per_epoch(per_rank, world)
+        total_steps = cfg.epochs * steps_per_epoch
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, warmup_cosine(total_steps, int(cfg.warmup_epochs * steps_per_epoch)))
+        ema = None
+        if cfg.ema:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
+        use_cuda_amp = cfg.amp and device.type == "cuda"
+        scaler = torch.amp.GradScaler(device.type, enabled=use_cuda_amp)
+        amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
+
+        start_epoch, train_seconds, skipped = 0, 0.0, 0
+        if resume is not None:
+            model.load_state_dict(resume["model"])
+            optimizer.load_state_dict(resume["optimizer"])  # refuses other multipliers than the run started with
+            scheduler.load_state_dict(resume["scheduler"])
+            if ema is not None and "ema" in resume:
+                ema.load_state_dict(resume["ema"])
+            scaler.load_state_dict(resume.get("scaler", scaler.state_dict()))
+            torch.set_rng_state(resume["rng"])
+            start_epoch, train_seconds, skipped = resume["epoch"], resume["train_seconds"], resume["skipped_steps"]
+        net = dist.wrap(model, device)
+        log = MetricsLog(out / "metrics.jsonl", enabled=rank == 0, keep_epochs=start_epoch)
+
+        show = rank == 0 and not cfg.quiet and dist.is_tty()
+        for epoch in range(start_epoch, cfg.epochs):
+            net.train()
+            t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
+            batches = ds.train_batches(per_rank, epoch, seed=cfg.seed, device=device, rank=rank, world_size=world)
+            bar = tqdm(batches, total=steps_per_epoch, desc=f"{cfg.method} epoch {epoch + 1}/{cfg.epochs}",
+                       unit="step", disable=not show, leave=False)
+            for step, (x, y) in enumerate(bar):
+                if cfg.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                optimizer.zero_grad(set_to_none=True)
+                for k, (xm, ym) in enumerate(zip(x.chunk(cfg.accumulate), y.chunk(cfg.accumulate))):
+                    with dist.no_sync(net, k < cfg.accumulate - 1), \
+                            torch.autocast(device.type, dtype=amp_dtype, enabled=cfg.amp):
+                        logits = net(xm)
+                        loss = F.cross_entropy(logits.float(), ym, label_smoothing=cfg.label_smoothing)
+                    if not torch.isfinite(loss):
+                        raise TrainingError(f"the loss became {float(loss)} at step {epoch * steps_per_epoch + step}"
+                                            f" (epoch {epoch + 1}); stopped, the last good checkpoint "
+                                            f"{ckpt_path} is kept (lower --lr?)")
+                    scaler.scale(loss / cfg.accumulate).backward()
+                    loss_sum += float(loss.detach()) * ym.numel()
+                    correct += int((logits.argmax(1) == ym).sum())
+                if cfg.grad_clip:
+                    scaler.unscale_(optimizer)
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                scale_before = scaler.get_scale() if use_cuda_amp else None
+                scaler.step(optimizer)
+                scaler.update()
+                if use_cuda_amp and scaler.get_scale() < scale_before:
+                    skipped += 1
+                scheduler.step()
+                if ema is not None:
+                    ema.update_parameters(model)
+                seen += x.shape[0]
+                if show:
+                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}",
+                                    img_s=f"{seen * world / (time.perf_counter() - t0):.0f}")
+            epoch_seconds = time.perf_counter() - t0
+            train_seconds += epoch_seconds
+            eval_model = ema.module if ema is not None else model
+            top1, test_loss = evaluate(eval_model, ds.test_batches(256, device=device))
+            log.write({"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0],
+                       "train_loss": loss_sum / max(seen, 1), "train_top1": 100.0 * correct / max(seen, 1),
+                       "test_loss": test_loss, "test_top1": top1, "epoch_seconds": epoch_seconds,
+                       "images_per_s": seen * world / epoch_seconds, "skipped_steps": skipped})
+            if rank == 0:
+                payload = {"config": asdict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                           "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
+                           "rng": torch.get_rng_state(), "epoch": epoch + 1, "train_seconds": train_seconds,
+                           "skipped_steps": skipped}
+                if ema is not None:
+                    payload["ema"] = ema.state_dict()
+                save_checkpoint(ckpt_path, payload)
+            dist.barrier()
+            if not show and rank == 0 and not cfg.quiet:
+                print(f"[{cfg.method}] epoch {epoch + 1}/{cfg.epochs} loss {loss_sum / max(seen, 1):.4f} "
+                      f"test top1 {top1:.2f}%", flush=True)
+
+        final = ema.module if ema is not None else model
+        result = _finish(cfg, final, ds, device, out, train_seconds, skipped, steps_per_epoch, rank)
+        dist.barrier()
+        return result
+    finally:
+        dist.teardown()
+
+
+def _finish(cfg, model, ds, device, out: Path, train_seconds, skipped, steps_per_epoch, rank) -> dict[str, Any]:
+    from .models import reparameterize_model
+
+    top1, _ = evaluate(model, ds.test_batches(256, device=device))
+    deployed = reparameterize_model(model.eval()) if cfg.method == "repvgg" else model
+    deployed_top1 = evaluate(deployed, ds.test_batches(256, device=device))[0] if cfg.method == "repvgg" else top1
+    images = cfg.epochs * steps_per_epoch * cfg.batch_size
+    result = {"method": cfg.method, "arch": cfg.arch, "dataset": cfg.dataset, "optimizer": cfg.optimizer,
+              "epochs": cfg.epochs, "top1": top1, "deployed_top1": deployed_top1,
+              "train_seconds": train_seconds, "train_images_per_s": images / max(train_seconds, 1e-9),
+              "params": sum(p.numel() for p in deployed.parameters()), "skipped_steps": skipped,
+              "out": str(out)}
+    if rank == 0:
+        save_model(out / MODEL, model, asdict(cfg))
+        if cfg.method == "hs":
+            from .scales import save_scales
+            from .search import extract_scales
+
+            scales = extract_scales(model)
+            scales.metadata.update({"arch": cfg.arch, "dataset": cfg.dataset, "hs_epochs": str(cfg.epochs)})
+            save_scales(scales, out / "scales.safetensors")
+            result["scales"] = str(out / "scales.safetensors")
+        (out / RESULT).write_text(json.dumps(result, indent=2))
+        from .metrics import plot_curves
+
+        plot_curves({cfg.method: out / "metrics.jsonl"}, out / "curves.png", quiet=True)
+    return result

@@ -4,7 +4,6 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import struct
 import sys
 import types
 from pathlib import Path
@@ -17,83 +16,7 @@ from repopt.data import DATASETS, DataError, Dataset, load_dataset
 from repopt.data.safe_pickle import load_plain_pickle
 
 
-# -- writers for the on-disk formats ----------------------------------------------------------------------------------
-class _Py2Pickler(pickle._Pickler):
-    """Emit bytes the way Python 2's cPickle wrote str (BINSTRING), as in the files the CIFAR site distributes."""
-
-    dispatch = pickle._Pickler.dispatch.copy()
-
-    def _save_py2_str(self, obj):
-        n = len(obj)
-        head = pickle.SHORT_BINSTRING + bytes([n]) if n < 256 else pickle.BINSTRING + struct.pack("<i", n)
-        self.write(head + obj)
-        self.memoize(obj)
-
-    dispatch[bytes] = _save_py2_str
-
-
-def _dump(obj, path, style):
-    if style == "py2":  # keys and names as Python 2 str; arrays referenced through the old numpy.core module
-        buf = io.BytesIO()
-        _Py2Pickler(buf, protocol=2).dump(_to_py2(obj))
-        data = buf.getvalue().replace(b"cnumpy._core.multiarray\n", b"cnumpy.core.multiarray\n")
-    else:
-        data = pickle.dumps(obj, protocol=style)
-    path.write_bytes(data)
-
-
-def _to_py2(obj):
-    if isinstance(obj, str):
-        return obj.encode("latin1")
-    if isinstance(obj, dict):
-        return {_to_py2(k): _to_py2(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_py2(v) for v in obj]
-    return obj
-
-
-CIFAR = {
-    "cifar10": {"folder": "cifar-10-batches-py", "train": [f"data_batch_{i}" for i in range(1, 6)],
-                "test": ["test_batch"], "meta": "batches.meta", "labels": "labels", "names": "label_names",
-                "classes": 10},
-    "cifar100": {"folder": "cifar-100-python", "train": ["train"], "test": ["test"], "meta": "meta",
-                 "labels": "fine_labels", "names": "fine_label_names", "classes": 100},
-}
-
-
-def write_cifar(root, name, style="py2", per_file=8, seed=0):
-    """A tiny CIFAR tree in torchvision's layout; returns {file: (data, labels)}."""
-    lay = CIFAR[name]
-    folder = root / lay["folder"]
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(seed)
-    written = {}
-    for f in lay["train"] + lay["test"]:
-        n = per_file * (5 if name == "cifar100" else 1)
-        data = rng.integers(0, 256, (n, 3072), dtype=np.uint8)
-        labels = [int(v) for v in rng.integers(0, lay["classes"], n)]
-        entry = {"batch_label": f, "data": data, lay["labels"]: labels, "filenames": [f"img{i}.png" for i in range(n)]}
-        if name == "cifar100":
-            entry["coarse_labels"] = [v // 5 for v in labels]
-        _dump(entry, folder / f, style)
-        written[f] = (data, labels)
-    names = [f"class_{i}" for i in range(lay["classes"])]
-    _dump({lay["names"]: names, "num_cases_per_batch": per_file}, folder / lay["meta"], style)
-    return written
-
-
-def write_folder(root, classes=("cat", "dog", "emu"), per_class=3, size=(10, 14)):
-    from PIL import Image
-
-    colors = {}
-    for split in ("train", "val"):
-        for k, cls in enumerate(classes):
-            (root / split / cls).mkdir(parents=True)
-            for i in range(per_class):
-                color = (40 * k + 10, 200 - 30 * i, 90 + (split == "val") * 50)
-                Image.new("RGB", size[::-1], color).save(root / split / cls / f"{i}.png")
-                colors[(split, cls, i)] = color
-    return colors
+from formats import CIFAR, _dump, write_cifar, write_folder  # noqa: E402
 
 
 def small_dataset(n_train=37, n_test=11, size=8, **kw):

@@ -3,7 +3,7 @@ trained by RepOpt stay equal, to float64 rounding, after every one of 200 steps.
 import pytest
 import torch
 
-from repopt import BranchSet, ConvGeometry
+from repopt import BranchSet
 from repopt.proofs import BRANCH_SETS, OPTIMIZERS, TOLERANCE, build_pair, rel_err, run_proof
 
 

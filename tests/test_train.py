@@ -1,0 +1,116 @@
+"""The trainer and the training CLI: results on disk, resume, DDP == single process, clear refusals."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from repopt.cli import main
+from repopt.train import TrainConfig, TrainingError, train
+
+FAST = dict(arch="repopt_vgg_tiny", dataset="digits", image_size=16, batch_size=128, quiet=True)
+
+
+@pytest.fixture(scope="module")
+def scales_file(tmp_path_factory):
+    out = tmp_path_factory.mktemp("hs")
+    result = train(TrainConfig(method="hs", epochs=1, out=str(out), grad_clip=5.0, **FAST))
+    assert Path(result["scales"]).is_file()
+    return result["scales"]
+
+
+def test_repopt_run_writes_everything(tmp_path, scales_file):
+    result = train(TrainConfig(method="repopt", epochs=2, scales=scales_file, out=str(tmp_path), **FAST))
+    assert result["top1"] > 20  # 2 short epochs on 10 classes: clearly above chance
+    for name in ("checkpoint.pt", "model.safetensors", "metrics.jsonl", "result.json", "curves.png"):
+        assert (tmp_path / name).is_file(), name
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2]
+    assert main(["eval", str(tmp_path), "--json"]) == 0
+
+
+def test_resume_after_interruption_continues_the_same_run(tmp_path, scales_file, monkeypatch):
+    cfg = dict(method="repopt", epochs=3, scales=scales_file, **FAST)
+    straight = train(TrainConfig(out=str(tmp_path / "a"), **cfg))
+
+    import repopt.train as train_module
+
+    real_save, saves = train_module.save_checkpoint, []
+
+    def crash_after_first(path, payload):
+        real_save(path, payload)
+        saves.append(path)
+        if len(saves) == 1:
+            raise KeyboardInterrupt  # killed right after the first epoch's checkpoint
+
+    monkeypatch.setattr(train_module, "save_checkpoint", crash_after_first)
+    with pytest.raises(KeyboardInterrupt):
+        train(TrainConfig(out=str(tmp_path / "b"), **cfg))
+    monkeypatch.setattr(train_module, "save_checkpoint", real_save)
+    resumed = train(TrainConfig(out=str(tmp_path / "b"), **cfg))
+    a, b = load_file(tmp_path / "a" / "model.safetensors"), load_file(tmp_path / "b" / "model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed["top1"] == straight["top1"]
+    assert len((tmp_path / "b" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def test_resume_refuses_other_settings_and_other_scales(tmp_path, scales_file):
+    cfg = dict(method="repopt", epochs=1, scales=scales_file, out=str(tmp_path), **FAST)
+    train(TrainConfig(**cfg))
+    with pytest.raises(ValueError, match="lr"):
+        train(TrainConfig(**{**cfg, "lr": 0.5}))
+    from repopt import load_scales, save_scales
+
+    other = load_scales(scales_file)
+    for entry in other.values():
+        entry["3x3"] = entry["3x3"] * 1.5
+    save_scales(other, tmp_path / "other.safetensors")
+    with pytest.raises(ValueError, match="multiplier"):
+        train(TrainConfig(**{**cfg, "scales": str(tmp_path / "other.safetensors")}))
+
+
+def _run(args, env=None, timeout=300):
+    return subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+
+
+def test_ddp_two_processes_equal_single_process(tmp_path, scales_file):
+    """torchrun, 2 CPU ranks (gloo), per-rank batch 64 == one process with the 128 global batch in two micro-batches
+    (BatchNorm sees the same 64 images either way, so the trained weights agree)."""
+    common = ["train", "--method", "repopt", "--scales", scales_file, "--epochs", "1", "--image-size", "16",
+              "--batch-size", "128", "--quiet"]
+    ddp = _run(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29533", "-m", "repopt",
+                *common, "--out", str(tmp_path / "ddp")])
+    assert ddp.returncode == 0, ddp.stderr[-2000:]
+    single = _run(["-m", "repopt", *common, "--accumulate", "2", "--out", str(tmp_path / "single")])
+    assert single.returncode == 0, single.stderr[-2000:]
+    a, b = load_file(tmp_path / "ddp" / "model.safetensors"), load_file(tmp_path / "single" / "model.safetensors")
+    params = [k for k in a if "running" not in k and "num_batches" not in k]
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5) for k in params)
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--epochs", "0"], "--epochs must be at least 1"),
+    (["--method", "repopt", "--scales", "x.safetensors", "--grad-clip", "5"], "clipping is refused"),
+    (["--batch-size", "5000"], "larger than the 1437 training images"),
+    (["--arch", "resnet50"], "unknown model 'resnet50'"),
+    (["--method", "repopt", "--scales", "missing.safetensors"], "does not exist"),
+    (["--dataset", "cifar10", "--data-dir", "/nonexistent/cifar"], "/nonexistent/cifar"),
+])
+def test_cli_refuses_bad_input_with_one_sentence(tmp_path, capsys, args, message):
+    code = main(["train", "--method", "plain", "--out", str(tmp_path / "run"), "--quiet", *args])
+    err = capsys.readouterr().err
+    assert code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_unwritable_output_directory(tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    assert main(["train", "--method", "plain", "--out", str(blocker / "run"), "--quiet"]) == 2
+    assert "not writable" in capsys.readouterr().err

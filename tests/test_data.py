@@ -38,12 +38,12 @@ def digits():
 
 def test_digits_shapes_classes_and_normalization(digits):
     assert (digits.name, digits.num_classes, digits.num_train, digits.num_test) == ("digits", 10, 1437, 360)
-    assert digits.class_names == tuple("0123456789") and digits.image_size == 32 and digits.in_channels == 3
+    assert digits.class_names == tuple("0123456789") and digits.image_size == 16 and digits.in_channels == 3
     assert not digits.flip  # mirrored digits are different glyphs
     assert torch.bincount(digits.test_labels).tolist() == [36] * 10
     xs, ys = zip(*digits.train_batches(256, 0, augment=False, drop_last=False))
     x, y = torch.cat(xs), torch.cat(ys)
-    assert x.shape == (1437, 3, 32, 32) and x.dtype == torch.float32 and y.dtype == torch.int64
+    assert x.shape == (1437, 3, 16, 16) and x.dtype == torch.float32 and y.dtype == torch.int64
     assert torch.equal(x[:, 0], x[:, 2])  # grayscale repeated
     assert abs(x.mean().item()) < 0.01 and abs(x.std().item() - 1) < 0.01  # stats of the served train set
     assert len(digits.mean) == len(digits.std) == 3
@@ -53,9 +53,9 @@ def test_digits_shapes_classes_and_normalization(digits):
 
 
 def test_digits_other_size_and_refuses_data_dir(tmp_path):
-    ds = load_dataset("digits", image_size=16)
+    ds = load_dataset("digits", image_size=32)
     x, _ = next(iter(ds.test_batches(4)))
-    assert x.shape == (4, 3, 16, 16)
+    assert x.shape == (4, 3, 32, 32)
     with pytest.raises(DataError, match="embedded"):
         load_dataset("digits", data_dir=tmp_path)
 

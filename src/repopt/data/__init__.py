@@ -12,11 +12,13 @@ from .dataset import Dataset
 from .errors import DataError
 
 DATASETS = ("digits", "cifar10", "cifar100", "folder")
-DEFAULT_IMAGE_SIZE = 32
+# digits are 8x8 originals: 16x16 keeps every detail at a quarter of the compute of 32x32
+DEFAULT_IMAGE_SIZE = {"digits": 16, "cifar10": 32, "cifar100": 32, "folder": 32}
 
 
 def load_dataset(name: str, data_dir=None, image_size: int | None = None) -> Dataset:
-    """Load dataset ``name`` (one of DATASETS) served at ``image_size`` x ``image_size`` pixels (default 32).
+    """Load dataset ``name`` (one of DATASETS) served at ``image_size`` x ``image_size`` pixels (default
+    16 for digits, 32 otherwise).
 
     ``digits`` is embedded in the package and takes no data_dir; ``cifar10`` / ``cifar100`` read torchvision's
     download folders under ``data_dir``; ``folder`` reads ``data_dir/train/<class>/`` and ``data_dir/val/<class>/``.
@@ -25,7 +27,7 @@ def load_dataset(name: str, data_dir=None, image_size: int | None = None) -> Dat
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
     if image_size is None:
-        image_size = DEFAULT_IMAGE_SIZE
+        image_size = DEFAULT_IMAGE_SIZE[name]
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise DataError(f"image_size must be a positive integer, got {image_size!r}.")
     if name == "digits":

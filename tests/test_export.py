@@ -38,6 +38,8 @@ def test_export_parity(tmp_path):
     assert "Conv" in ops and "BatchNormalization" not in ops  # the deployed (folded) plain network
     assert check_onnx(path, model, example) < 1e-4
     assert check_onnx(path, model, torch.randn(7, 3, 16, 16)) < 1e-4  # dynamic batch
+    path1 = export_onnx(model, example[:1], tmp_path / "b1.onnx")  # a batch-1 example must not fix the batch
+    assert check_onnx(path1, model, torch.randn(3, 3, 16, 16)) < 1e-4
 
 
 def test_export_without_onnx(tmp_path, monkeypatch):

@@ -9,6 +9,7 @@ from torch import Tensor, nn
 from ._extras import MissingExtraError, quiet, require
 from ._files import atomic_path
 from .fold import fold_batchnorm
+from .ptq import dynamic_batch
 
 
 class ExportDependencyError(MissingExtraError):
@@ -22,9 +23,9 @@ def export_onnx(model: nn.Module, example: Tensor, path: str | os.PathLike, *, f
     for module in ("onnx", "onnxscript"):  # the torch.export-based exporter needs both
         require(module, "export", "ONNX export", ExportDependencyError)
     deployed = (fold_batchnorm(model) if fold else model).eval()
-    batch = torch.export.Dim("batch", min=1)
+    args, shapes = dynamic_batch(example)
     with quiet("torch.onnx", "torch.utils._pytree"), torch.no_grad():
-        program = torch.onnx.export(deployed, (example,), None, dynamo=True, dynamic_shapes=({0: batch},),
+        program = torch.onnx.export(deployed, args, None, dynamo=True, dynamic_shapes=shapes,
                                     input_names=["input"], output_names=["logits"], opset_version=opset,
                                     external_data=False, verbose=False)
     with atomic_path(path) as tmp:

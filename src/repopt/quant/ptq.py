@@ -189,10 +189,18 @@ def _inputs(batches: Iterable, limit: int | None = None):
         yield b[0] if isinstance(b, (tuple, list)) else b
 
 
+def dynamic_batch(example: Tensor) -> tuple[tuple[Tensor], tuple[dict]]:
+    """(args, dynamic_shapes) for torch.export with a dynamic batch dimension. A batch of 1 is doubled for tracing:
+    export specializes a size-1 dimension to the constant 1, which would refuse every other batch size."""
+    if example.shape[0] == 1:
+        example = example.expand(2, *example.shape[1:])
+    return (example,), ({0: torch.export.Dim("batch", min=1)},)
+
+
 def _export(model: nn.Module, example: Tensor) -> nn.Module:
-    batch = torch.export.Dim("batch", min=1)
     # A dynamic batch lets calibration / QAT batches of any size through (e.g. a DataLoader's last batch).
-    return torch.export.export(model, (example,), dynamic_shapes=({0: batch},)).module()
+    args, shapes = dynamic_batch(example)
+    return torch.export.export(model, args, dynamic_shapes=shapes).module()
 
 
 def _lower(prepared: nn.Module, example: Tensor, settings: QuantSettings) -> Int8Model:

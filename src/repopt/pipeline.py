@@ -16,7 +16,7 @@ from .train import TrainConfig, train
 METHODS = ("repopt", "repvgg", "plain")
 
 
-def int8_column(run_dir: Path, cfg: TrainConfig, calib_batches: int = 8, quiet: bool = True) -> dict | None:
+def int8_column(run_dir: Path, calib_batches: int = 8, quiet: bool = True) -> dict | None:
     """INT8 PTQ top-1 of a finished run's deployed model, or None when the `quant` extra is missing."""
     try:
         from .quant import QuantDependencyError, QuantSettings, evaluate_top1, quantize_ptq
@@ -53,7 +53,7 @@ def run_pipeline(base: TrainConfig, hs_epochs: int, methods=METHODS, int8: bool 
         row["deployed_top1"] = result["deployed_top1"]
         if int8:
             say(f"int8 {method}")
-            q = int8_column(Path(cfg.out), cfg, quiet=base.quiet)
+            q = int8_column(Path(cfg.out), quiet=base.quiet)
             if q is not None:
                 row["int8_top1"] = q["int8_top1"]
                 report_settings = q["int8_settings"]

@@ -304,10 +304,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 def _finish(cfg, model, ds, device, out: Path, train_seconds, skipped, steps_per_epoch, rank) -> dict[str, Any]:
     from .models import reparameterize_model
+    from .quant.fold import fold_batchnorm
 
     top1, _ = evaluate(model, ds.test_batches(256, device=device))
-    deployed = reparameterize_model(model.eval()) if cfg.method == "repvgg" else model
-    deployed_top1 = evaluate(deployed, ds.test_batches(256, device=device))[0] if cfg.method == "repvgg" else top1
+    # the network that ships: RepVGG blocks fused into one conv each, BN folded into the convs
+    deployed = fold_batchnorm(reparameterize_model(model.eval()) if cfg.method == "repvgg" else model.eval())
+    deployed_top1 = evaluate(deployed, ds.test_batches(256, device=device))[0]
     images = cfg.epochs * steps_per_epoch * cfg.batch_size
     result = {"method": cfg.method, "arch": cfg.arch, "dataset": cfg.dataset, "optimizer": cfg.optimizer,
               "epochs": cfg.epochs, "top1": top1, "deployed_top1": deployed_top1,

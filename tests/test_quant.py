@@ -146,6 +146,8 @@ def test_ptq_runs_int8_kernels(int8):
     assert ops.get("onednn.qconv_pointwise.default") == 4  # three 3x3 convs and the 1x1 head
     assert ops.get("onednn.qlinear_pointwise.default") == 1
     assert isinstance(int8, Int8Model) and int8.batch_size == 16
+    report = int8.report()
+    assert report["images_seen"] == 4 * 16 + 5 and report["int8_ops"] == ops and report["per_channel"] is True
 
 
 def test_ptq_close_to_fp32(int8, model):
@@ -181,7 +183,7 @@ def test_qat_smoke(torchao, model):
     g = torch.Generator().manual_seed(3)
     data = [(torch.randn(8, 3, 16, 16, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(4)]
     q = quantize_qat(model, data, QuantSettings(qat_epochs=2, qat_lr=1e-3))
-    assert q.settings.is_qat and q.settings.to_dict()["qat_epochs"] == 2
+    assert q.settings.is_qat and q.report()["qat_epochs"] == 2 and q.images_seen == 2 * 4 * 8
     assert q.quantized_ops().get("onednn.qconv_pointwise.default") == 4
     x = torch.cat([d[0] for d in data])
     with torch.no_grad():

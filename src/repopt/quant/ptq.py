@@ -149,11 +149,12 @@ class Int8Model(nn.Module):
     chunks of that size, the last one zero-padded (samples are independent in eval mode).
     """
 
-    def __init__(self, graph: nn.Module, batch_size: int, settings: QuantSettings):
+    def __init__(self, graph: nn.Module, batch_size: int, settings: QuantSettings, images_seen: int = 0):
         super().__init__()
         self.graph = graph
         self.batch_size = batch_size
         self.settings = settings
+        self.images_seen = images_seen  # calibration images (PTQ) or fine-tune images, all epochs (QAT)
         self.training = False
 
     def forward(self, x: Tensor) -> Tensor:
@@ -172,6 +173,11 @@ class Int8Model(nn.Module):
         if mode:
             raise RuntimeError("an Int8Model is for inference only; fine-tune with quantize_qat instead")
         return self  # exported graphs refuse .eval(); they are eval-only already
+
+    def report(self) -> dict:
+        """The settings plus what actually happened, for the output JSON."""
+        return {**self.settings.to_dict(), "images_seen": self.images_seen, "int8_batch_size": self.batch_size,
+                "int8_ops": self.quantized_ops()}
 
     def quantized_ops(self) -> dict[str, int]:
         """Counts of int8 kernels in the lowered graph, e.g. {'onednn.qconv_pointwise.default': 4, ...}."""
@@ -203,13 +209,13 @@ def _export(model: nn.Module, example: Tensor) -> nn.Module:
     return torch.export.export(model, args, dynamic_shapes=shapes).module()
 
 
-def _lower(prepared: nn.Module, example: Tensor, settings: QuantSettings) -> Int8Model:
+def _lower(prepared: nn.Module, example: Tensor, settings: QuantSettings, images_seen: int) -> Int8Model:
     ao = _torchao()
     with quiet(categories=(DeprecationWarning, FutureWarning, UserWarning)):
         converted = ao.qp.convert_pt2e(prepared)
         with torch.no_grad():
             graph = ao.lower(converted, (example,))
-    return Int8Model(graph, example.shape[0], settings)
+    return Int8Model(graph, example.shape[0], settings, images_seen)
 
 
 def quantize_ptq(model: nn.Module, calib_batches: Iterable, settings: QuantSettings | None = None) -> Int8Model:
@@ -230,9 +236,11 @@ def quantize_ptq(model: nn.Module, calib_batches: Iterable, settings: QuantSetti
     with torch.no_grad(), quiet():
         prepared = ao.qp.prepare_pt2e(_export(deployed, example), _quantizer(s))
         prepared(example)
+        seen = example.shape[0]
         for x in it:
             prepared(x)
-    return _lower(prepared, example, s)
+            seen += x.shape[0]
+    return _lower(prepared, example, s, seen)
 
 
 def quantize_qat(model: nn.Module, train_batches: Iterable, settings: QuantSettings | None = None, *,
@@ -259,7 +267,7 @@ def quantize_qat(model: nn.Module, train_batches: Iterable, settings: QuantSetti
                           weight_decay=s.qat_weight_decay)
     total = s.qat_epochs * len(train_batches) if hasattr(train_batches, "__len__") else None
     freeze_at = int(total * s.qat_freeze_observers) if total else None
-    step = 0
+    step = seen = 0
     for epoch in range(s.qat_epochs):
         for x, y in (_chain_first(first, batches) if epoch == 0 else train_batches):
             if step == freeze_at:
@@ -269,8 +277,9 @@ def quantize_qat(model: nn.Module, train_batches: Iterable, settings: QuantSetti
             loss.backward()
             opt.step()
             step += 1
+            seen += x.shape[0]
     ao.pt2e.move_exported_model_to_eval(prepared)
-    return _lower(prepared, example, s)
+    return _lower(prepared, example, s, seen)
 
 
 def _chain_first(first, rest):

@@ -114,7 +114,9 @@ def test_settings_dict_and_validation():
 
 def test_missing_torchao_names_the_extra(monkeypatch, model):
     ptq_module._torchao.cache_clear()
-    monkeypatch.setitem(sys.modules, "torchao", None)  # makes `import torchao...` raise ImportError
+    # None in sys.modules makes an import raise ImportError; cover submodules an earlier test may have imported.
+    for name in ["torchao"] + [n for n in sys.modules if n.startswith("torchao.")]:
+        monkeypatch.setitem(sys.modules, name, None)
     try:
         with pytest.raises(QuantDependencyError, match=r"pip install 'repopt\[quant\]'") as info:
             quantize_ptq(model, [torch.randn(2, 3, 16, 16)])

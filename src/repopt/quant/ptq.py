@@ -91,7 +91,10 @@ class QuantSettings:
 
     def to_dict(self) -> dict:
         d = dataclasses.asdict(self.resolved())
-        if not self.is_qat:
+        if self.is_qat:  # QAT fake-quant tracks moving-average ranges whatever the PTQ observer setting says
+            d["activation_observer"] = "moving-average minmax (QAT)"
+            del d["calib_batches"]  # QAT reads its ranges off the fine-tune batches
+        else:
             d = {k: v for k, v in d.items() if not k.startswith("qat_")}
         d.update(quantizer="torchao X86InductorQuantizer (PT2E), lowered to oneDNN int8",
                  weights="int8 symmetric", activations="uint8 affine per tensor", cpu_vnni=cpu_has_vnni(),

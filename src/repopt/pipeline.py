@@ -18,22 +18,19 @@ METHODS = ("repopt", "repvgg", "plain")
 
 def int8_column(run_dir: Path, calib_batches: int = 8, quiet: bool = True) -> dict | None:
     """INT8 PTQ top-1 of a finished run's deployed model, or None when the `quant` extra is missing."""
-    try:
-        from .quant import QuantDependencyError, QuantSettings, evaluate_top1, quantize_ptq
-        from .quant.ptq import _torchao
-
-        _torchao()
-    except (ImportError, QuantDependencyError):
-        if not quiet:
-            print("torchao is not installed: no INT8 column (pip install 'repopt[quant]')")
-        return None
     from .checkpoint import load_trained
     from .data import load_dataset
+    from .quant import QuantDependencyError, QuantSettings, evaluate_top1, quantize_ptq
 
     model, conf = load_trained(run_dir, deploy=True)
     ds = load_dataset(conf["dataset"], conf.get("data_dir"), conf.get("image_size"))
     settings = QuantSettings(calib_batches=calib_batches)
-    int8 = quantize_ptq(model, ds.calibration_batches(calib_batches, 64), settings)
+    try:
+        int8 = quantize_ptq(model, ds.calibration_batches(calib_batches, 64), settings)
+    except QuantDependencyError:
+        if not quiet:
+            print("torchao is not installed: no INT8 column (pip install 'repopt[quant]')")
+        return None
     return {"int8_top1": evaluate_top1(int8, ds.test_batches(64)), "int8_settings": settings.to_dict()}
 
 

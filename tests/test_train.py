@@ -114,3 +114,17 @@ def test_unwritable_output_directory(tmp_path, capsys):
     blocker.write_text("not a directory")
     assert main(["train", "--method", "plain", "--out", str(blocker / "run"), "--quiet"]) == 2
     assert "not writable" in capsys.readouterr().err
+
+
+def test_pipeline_on_a_cifar_format_directory(tmp_path):
+    """The same commands on torchvision's CIFAR-10 layout (real pickle format, random pixels: a smoke run)."""
+    from formats import write_cifar
+
+    write_cifar(tmp_path / "data", "cifar10", style=2, per_file=40)
+    out = tmp_path / "run"
+    code = main(["pipeline", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--epochs", "1",
+                 "--hs-epochs", "1", "--batch-size", "32", "--no-int8", "--quiet", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["dataset"] == "cifar10" and [r["method"] for r in report["results"]] == ["repopt", "repvgg", "plain"]
+    assert (out / "report.md").is_file() and (out / "curves.png").is_file()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = ["pipeline", "search", "train", "eval", "quantize", "analyze", "export", "scales", "verify", "bench"]
@@ -66,6 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"repopt {args.command}: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `repopt ... | head`: the reader left, nothing is wrong
+        sys.stdout = open(os.devnull, "w")
+        return 0
 
 
 if __name__ == "__main__":

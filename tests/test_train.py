@@ -128,3 +128,17 @@ def test_pipeline_on_a_cifar_format_directory(tmp_path):
     report = json.loads((out / "report.json").read_text())
     assert report["dataset"] == "cifar10" and [r["method"] for r in report["results"]] == ["repopt", "repvgg", "plain"]
     assert (out / "report.md").is_file() and (out / "curves.png").is_file()
+
+
+def test_train_repopt_without_scales_searches_first(tmp_path, capsys):
+    """One command gives a RepOpt model: the hyper-search runs into OUT/search and its scales are used."""
+    out = tmp_path / "run"
+    code = main(["train", "--method", "repopt", "--epochs", "1", "--hs-epochs", "1", "--image-size", "16",
+                 "--batch-size", "128", "--quiet", "--json", "--out", str(out)])
+    assert code == 0
+    assert (out / "search" / "scales.safetensors").is_file() and (out / "model.safetensors").is_file()
+    from repopt.checkpoint import load_checkpoint
+
+    cfg = load_checkpoint(out / "checkpoint.pt")["config"]
+    assert cfg["scales"] == str(out / "search" / "scales.safetensors")
+    assert json.loads(capsys.readouterr().out)["method"] == "repopt"

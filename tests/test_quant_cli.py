@@ -58,14 +58,15 @@ def test_quantize_qat_json(runs, capsys):
     assert sum(s["int8_ops"].values()) > 0  # really lowered to oneDNN int8 kernels
     assert out["qat_settings"]["is_qat"] is True and out["qat_settings"]["qat_epochs"] == 1
     assert out["timing"]["batch_size"] == 128 and out["method"] == "repopt"
+    assert out["timing"]["int8_min_ms"] <= out["int8_ms_per_batch"]
 
 
 @needs_torchao
 def test_quantize_text_per_tensor(runs, capsys):
     assert main(["quantize", str(runs["repvgg"]), "--calib-batches", "1", "--repeats", "2", "--per-tensor",
-                 "--observer", "minmax"]) == 0
+                 "--observer", "minmax", "--threads", "1"]) == 0
     text = capsys.readouterr().out
-    assert "int8 PTQ" in text and "ms/batch" in text and "QAT" not in text
+    assert "int8 PTQ" in text and "ms/batch" in text and "QAT" not in text and "torch threads 1" in text
     assert "per-tensor weights, minmax observer" in text and "64 calibration images" in text
 
 

@@ -17,8 +17,8 @@ EXAMPLES = """examples:
   repopt quantize runs/c10/repopt --dataset cifar10 --data-dir ~/data --per-tensor --observer minmax
 
 The fp32 baseline is the deployed network (BN folded into the convs, RepVGG blocks fused), run eagerly. Latency is
-the median of alternating fp32 / int8 forward passes on the same batch of --batch-size images, with the threads torch
-uses here. The int8 model is not saved: its lowered graph holds oneDNN packed weights (opaque tensors) that
+the median of alternating fp32 / int8 forward passes on the same batch of --batch-size images. On a CPU shared with
+other jobs use --threads 1: torch's threads wait for each other, and a descheduled one can make a pass 10-20x slower. The int8 model is not saved: its lowered graph holds oneDNN packed weights (opaque tensors) that
 torch.export.save cannot serialise; export the fp32 network with `repopt export` and quantize where it runs.
 Needs the `quant` extra: pip install 'repopt[quant]'.
 """
@@ -43,6 +43,7 @@ def add_arguments(p) -> None:
     p.add_argument("--qat-epochs", type=int, default=0, help="epochs of quantization-aware fine-tuning (default 0)")
     p.add_argument("--qat-lr", type=float, default=1e-4, help="QAT learning rate, SGD momentum 0.9 (default 1e-4)")
     p.add_argument("--repeats", type=int, default=30, help="timed forward passes per model (default 30)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads while timing (default: torch's choice)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -68,9 +69,9 @@ def dataset_for(args, cfg):
     return ds
 
 
-def paired_latency_ms(a, b, x, repeats: int, warmup: int = 3) -> tuple[float, float]:
-    """Median ms per forward pass of `a` and of `b` on `x`, timed alternately so that both see the same machine load
-    (other jobs on a shared CPU shift both medians, not one)."""
+def paired_latency_ms(a, b, x, repeats: int, warmup: int = 3) -> tuple[list[float], list[float]]:
+    """ms per forward pass of `a` and of `b` on `x`, `repeats` each, timed alternately so that both see the same
+    machine load (other jobs on a shared CPU slow both, not one)."""
     import torch
 
     times_a, times_b = [], []
@@ -81,7 +82,7 @@ def paired_latency_ms(a, b, x, repeats: int, warmup: int = 3) -> tuple[float, fl
                 model(x)
                 if i >= warmup:
                     times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times_a), 1000 * statistics.median(times_b)
+    return [1000 * t for t in times_a], [1000 * t for t in times_b]
 
 
 class _Epochs:
@@ -110,7 +111,8 @@ def _check(args) -> None:
     from ..cli import UserError
 
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--calib-batches", args.calib_batches, 1),
-                             ("--repeats", args.repeats, 1), ("--qat-epochs", args.qat_epochs, 0)):
+                             ("--repeats", args.repeats, 1), ("--qat-epochs", args.qat_epochs, 0),
+                             ("--threads", args.threads or 1, 1)):
         if value < low:
             raise UserError(f"{flag} must be at least {low}, got {value}")
     if not args.qat_lr > 0:
@@ -143,17 +145,24 @@ def run(args) -> int:
     if qat is not None:
         out["qat_int8_top1"] = evaluate_top1(qat, ds.test_batches(args.batch_size))
     x = calib[0][0]  # a full batch: the int8 graph is specialised to it, so timing runs it without padding
-    out["fp32_ms_per_batch"], out["int8_ms_per_batch"] = paired_latency_ms(model, int8, x, args.repeats)
-    out["timing"] = {"batch_size": x.shape[0], "image_size": x.shape[-1], "threads": torch.get_num_threads(),
-                     "repeats": args.repeats, "fp32": "eager, BN folded",
-                     "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(args.threads or threads)
+        fp32_ms, int8_ms = paired_latency_ms(model, int8, x, args.repeats)
+        out["timing"] = {"batch_size": x.shape[0], "image_size": x.shape[-1], "threads": torch.get_num_threads(),
+                         "cpus": os.cpu_count(), "repeats": args.repeats, "fp32": "eager, BN folded",
+                         "fp32_min_ms": min(fp32_ms), "int8_min_ms": min(int8_ms),
+                         "load_average_1min": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+    finally:
+        torch.set_num_threads(threads)
+    out["fp32_ms_per_batch"], out["int8_ms_per_batch"] = statistics.median(fp32_ms), statistics.median(int8_ms)
     out["settings"] = int8.report()
     if qat is not None:
         out["qat_settings"] = qat.report()
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
-    s = out["settings"]
+    s, t = out["settings"], out["timing"]
     print(f"{cfg['method']} {cfg['arch']} on {ds.name} (test set, {ds.num_test} images)")
     print(f"  fp32 deployed  top-1 {out['fp32_top1']:6.2f}%   {out['fp32_ms_per_batch']:8.2f} ms/batch")
     print(f"  int8 PTQ       top-1 {out['int8_top1']:6.2f}%   {out['int8_ms_per_batch']:8.2f} ms/batch   "
@@ -161,6 +170,10 @@ def run(args) -> int:
     if qat is not None:
         print(f"  int8 QAT       top-1 {out['qat_int8_top1']:6.2f}%   ({args.qat_epochs} epochs, lr {args.qat_lr:g})")
     print(f"  {'per-channel' if s['per_channel'] else 'per-tensor'} weights, {s['activation_observer']} observer, "
-          f"reduce_range={s['reduce_range']}, {s['images_seen']} calibration images; batch {x.shape[0]}, "
-          f"{out['timing']['threads']} threads, load average {out['timing']['load_average_1min']:.2f}")
+          f"reduce_range={s['reduce_range']}, {s['images_seen']} calibration images")
+    load = t["load_average_1min"]
+    print(f"  timing: median of {args.repeats}, batch {x.shape[0]}, torch threads {t['threads']}"
+          + (f", load average {load:.2f} on {t['cpus']} CPUs" if load is not None else ""))
+    if load is not None and t["cpus"] and load > t["cpus"] and t["threads"] > 1:
+        print("  (the CPU is oversubscribed: multi-threaded timings are unreliable, try --threads 1)")
     return 0

@@ -62,15 +62,17 @@ def measure(runs: Path, methods, qat_epochs: int, calib_batches: int, threads: i
 
 def accuracy_table(res: dict) -> str:
     qat = any("qat_int8_top1" in r["per_channel"] for r in res["quantize"].values())
-    head = ["method", "fp32 top-1", "int8 per-channel", "drop", "int8 per-tensor", "drop"] + \
-        (["int8 QAT (per-channel)"] if qat else [])
+    head = ["method", "fp32 top-1", "int8 per-channel top-1 (drop)", "logit SQNR dB", "int8 per-tensor top-1 (drop)",
+            "logit SQNR dB"] + (["int8 QAT top-1", "logit SQNR dB"] if qat else [])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for method, r in res["quantize"].items():
         pc, pt = r["per_channel"], r["per_tensor"]
-        cells = [method, f"{pc['fp32_top1']:.2f}", f"{pc['int8_top1']:.2f}", f"{pc['int8_top1'] - pc['fp32_top1']:+.2f}",
-                 f"{pt['int8_top1']:.2f}", f"{pt['int8_top1'] - pt['fp32_top1']:+.2f}"]
+        cells = [method, f"{pc['fp32_top1']:.2f}"]
+        for q in (pc, pt):
+            cells += [f"{q['int8_top1']:.2f} ({q['int8_top1'] - q['fp32_top1']:+.2f})", f"{q['int8_logit_sqnr_db']:.1f}"]
         if qat:
-            cells.append(f"{pc['qat_int8_top1']:.2f}" if "qat_int8_top1" in pc else "-")
+            cells += [f"{pc['qat_int8_top1']:.2f}", f"{pc['qat_int8_logit_sqnr_db']:.1f}"] if "qat_int8_top1" in pc \
+                else ["-", "-"]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 

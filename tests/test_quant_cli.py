@@ -49,9 +49,11 @@ def cli_error(capsys, *argv) -> str:
 @needs_torchao
 def test_quantize_qat_json(runs, capsys):
     out = cli_json(capsys, "quantize", runs["repopt"], "--calib-batches", 2, "--repeats", 3, "--qat-epochs", 1,
-                   "--batch-size", 128)
-    for key in ("fp32_top1", "int8_top1", "qat_int8_top1", "fp32_ms_per_batch", "int8_ms_per_batch"):
+                   "--threads", 1, "--batch-size", 128)
+    for key in ("fp32_top1", "int8_top1", "qat_int8_top1", "fp32_ms_per_batch", "int8_ms_per_batch",
+                "int8_logit_sqnr_db", "qat_int8_logit_sqnr_db", "int8_agreement"):
         assert isinstance(out[key], float) and out[key] >= 0
+    assert out["int8_logit_sqnr_db"] > 10  # int8 is a small perturbation of the logits, not noise
     s = out["settings"]
     assert s["per_channel"] is True and s["calib_batches"] == 2 and s["images_seen"] == 256
     assert s["activation_observer"] == "histogram" and isinstance(s["reduce_range"], bool)
@@ -67,6 +69,7 @@ def test_quantize_text_per_tensor(runs, capsys):
                  "--observer", "minmax", "--threads", "1"]) == 0
     text = capsys.readouterr().out
     assert "int8 PTQ" in text and "ms/batch" in text and "QAT" not in text and "torch threads 1" in text
+    assert "logit SQNR" in text
     assert "per-tensor weights, minmax observer" in text and "64 calibration images" in text
 
 
@@ -138,3 +141,19 @@ def test_export_refusals(runs, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     err = cli_error(capsys, "export", runs["repopt"], "-o", tmp_path / "m.onnx", "--check")
     assert "pip install 'repopt[export]'" in err and not (tmp_path / "m.onnx").exists()
+
+
+def test_compare_on_test_measures_the_gap():
+    import torch
+
+    from repopt.commands.quantize import compare_on_test
+
+    torch.manual_seed(0)
+    fp32 = torch.nn.Linear(4, 3)
+    noisy = torch.nn.Linear(4, 3)
+    noisy.load_state_dict({k: v + 0.1 * v.abs().mean() for k, v in fp32.state_dict().items()})
+    batches = [(torch.randn(8, 4), torch.randint(0, 3, (8,))) for _ in range(3)]
+    out = compare_on_test(fp32, {"same": fp32, "noisy": noisy}, batches)
+    assert out["same_agreement"] == 100.0 and out["same_logit_sqnr_db"] == float("inf")
+    assert out["same_top1"] == out["fp32_top1"]
+    assert 0 < out["noisy_logit_sqnr_db"] < 60

@@ -19,8 +19,12 @@ EXAMPLES = """examples:
 
 The fp32 baseline is the deployed network (BN folded into the convs, RepVGG blocks fused), run eagerly. Latency is
 the median of alternating fp32 / int8 forward passes on the same batch of --batch-size images. On a CPU shared with
-other jobs use --threads 1: torch's threads wait for each other, and a descheduled one can make a pass 10-20x slower. The int8 model is not saved: its lowered graph holds oneDNN packed weights (opaque tensors) that
-torch.export.save cannot serialise; export the fp32 network with `repopt export` and quantize where it runs.
+other jobs use --threads 1: torch's threads wait for each other, and a descheduled one can make a pass 10-20x slower.
+The test set also gives the logit SQNR (dB) of each int8 model against fp32: it shows quantization error even where
+top-1 saturates.
+
+No --output: the int8 model is not saved, because its lowered graph holds oneDNN packed weights (opaque tensors)
+that torch.export.save cannot serialise; export the fp32 network with `repopt export` and quantize where it runs.
 Needs the `quant` extra: pip install 'repopt[quant]'.
 """
 

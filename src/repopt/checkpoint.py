@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,25 @@ RESULT = "result.json"
 
 
 class CheckpointError(ValueError):
-    """A checkpoint that cannot be read or does not belong to this run."""
+    """A checkpoint that cannot be read, written or does not belong to this run."""
+
+
+# what `train` reads back from a checkpoint to resume
+RUN_KEYS = ("config", "model", "optimizer", "scheduler", "rng", "epoch", "train_seconds", "skipped_steps")
+
+
+def load_error_reason(e: BaseException) -> tuple[bool, str]:
+    """(refused for safety?, one short line) from a torch.load error, whose text runs to several paragraphs."""
+    text = str(e)
+    m = re.search(r"GLOBAL ([\w.]+)", text)
+    if m:
+        return True, f"it asks to load {m.group(1)}, which could run code; weights-only loading refused it"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "Weights only load failed" in text:  # the detail sits between torch's boilerplate lines
+        lines = [line for line in lines[1:] if not line.startswith(("Please file", "Check the documentation"))]
+    if not lines:
+        return False, "the file ends early" if isinstance(e, EOFError) else type(e).__name__
+    return False, lines[0].split(". ")[0].rstrip(".")
 
 
 def atomic_write(path: Path, write) -> None:
@@ -36,17 +55,47 @@ def atomic_write(path: Path, write) -> None:
             tmp.unlink()
 
 
+def write_error_reason(e: BaseException) -> str:
+    """One short line for a failed write: OSError's strerror, or the first line of torch's / safetensors' text."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return re.sub(r" at path .*$", "", (str(e).splitlines() or [type(e).__name__])[0])
+
+
+def _write_or_explain(path: Path, write) -> None:
+    from safetensors import SafetensorError
+
+    try:
+        atomic_write(path, write)
+    # disk full, quota, permissions (torch.save raises RuntimeError, safetensors its own error): the old file is
+    # untouched, since atomic_write only renames a complete temp file over it
+    except (OSError, RuntimeError, SafetensorError) as e:
+        raise CheckpointError(f"{path} could not be written ({write_error_reason(e)}); the previous file is left as "
+                              f"it was") from None
+
+
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
-    atomic_write(path, lambda tmp: torch.save(payload, tmp))
+    _write_or_explain(path, lambda tmp: torch.save(payload, tmp))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise CheckpointError(f"{path}: refused to load (it holds more than tensors and plain values): {e}") from None
-    except (RuntimeError, EOFError, OSError, ValueError) as e:
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt?): {e}") from None
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
+        unsafe, reason = load_error_reason(e)
+        if unsafe:
+            raise CheckpointError(f"{path}: refused to load: {reason}") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({reason})") from None
+
+
+def load_run_checkpoint(path: Path) -> dict[str, Any]:
+    """A training checkpoint to resume from, with every entry `train` reads back."""
+    ckpt = load_checkpoint(path)
+    missing = [k for k in RUN_KEYS if k not in ckpt] if isinstance(ckpt, dict) else list(RUN_KEYS)
+    if missing or not isinstance(ckpt["config"], dict):
+        raise CheckpointError(f"{path} is not a repopt training checkpoint (it lacks "
+                              f"{', '.join(missing) or 'a config dict'}); move it away or use another --out")
+    return ckpt
 
 
 def save_model(path: Path, model: nn.Module, config: dict[str, Any], extra: dict[str, str] | None = None) -> None:
@@ -54,7 +103,7 @@ def save_model(path: Path, model: nn.Module, config: dict[str, Any], extra: dict
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {"format": "repopt-model", "config": json.dumps(config), **(extra or {})}
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
+    _write_or_explain(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
 def find_model_file(path: str | os.PathLike) -> Path:
@@ -90,17 +139,28 @@ def load_trained(path: str | os.PathLike, deploy: bool = False) -> tuple[nn.Modu
             raise CheckpointError(f"{file}: not a readable model file ({e})") from None
         if meta.get("format") != "repopt-model":
             raise CheckpointError(f"{file}: not a repopt model file (no format=repopt-model metadata)")
-        config = json.loads(meta["config"])
+        try:
+            config = json.loads(meta.get("config", "null"))
+        except ValueError:
+            config = None  # refused below, with the other configs that name no model
     else:
         ckpt = load_checkpoint(file)
-        if "config" not in ckpt or "model" not in ckpt:
+        if not isinstance(ckpt, dict) or "config" not in ckpt or "model" not in ckpt:
             raise CheckpointError(f"{file}: not a repopt training checkpoint (no config/model entries)")
         config, state = ckpt["config"], ckpt["model"]
-    model = create(config["arch"], mode=mode_of(config["method"]), num_classes=config["num_classes"],
-                   **config.get("model_options", {}))
+    needed = ("arch", "method", "num_classes", "dataset")
+    missing = [k for k in needed if k not in config] if isinstance(config, dict) else list(needed)
+    if missing:
+        raise CheckpointError(f"{file}: its training config lacks {', '.join(missing)}; not a file repopt wrote")
+    try:
+        model = create(config["arch"], mode=mode_of(config["method"]), num_classes=config["num_classes"],
+                       **config.get("model_options", {}))
+    except (KeyError, TypeError, ValueError) as e:  # names no model (or method) we can build
+        raise CheckpointError(f"{file}: its training config does not describe a model repopt can build "
+                              f"({type(e).__name__}: {e})") from None
     try:
         model.load_state_dict(state)
-    except RuntimeError as e:
+    except (RuntimeError, TypeError) as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise CheckpointError(f"{file}: weights do not fit {config['arch']} ({config['method']}): {first}") from None
     model.eval()

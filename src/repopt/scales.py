@@ -6,6 +6,7 @@ is strict: every mismatch is an error that names the layer, never a silent fallb
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -112,7 +113,10 @@ def as_scales(obj) -> Scales:
 def save_scales(scales: Scales | Mapping, path: str | os.PathLike, model: nn.Module | None = None,
                 **metadata: str) -> Path:
     """Write safetensors atomically (temp file, then rename). With `model`, record each conv's weight shape."""
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
+
+    from .checkpoint import write_error_reason
 
     scales = as_scales(scales)
     meta = {**scales.metadata, **{k: str(v) for k, v in metadata.items()},
@@ -126,8 +130,12 @@ def save_scales(scales: Scales | Mapping, path: str | os.PathLike, model: nn.Mod
     try:
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, path)
+    except (OSError, SafetensorError) as e:  # disk full, no permission: `path` keeps what it held before
+        raise ScalesError(f"{path} could not be written ({write_error_reason(e)}); the previous file is left as "
+                          f"it was") from None
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # e.g. ENOTDIR: the temp file was never created
+            tmp.unlink(missing_ok=True)
     return path
 
 
@@ -135,12 +143,22 @@ def load_scales(path: str | os.PathLike) -> Scales:
     """Read a repopt safetensors scales file, or a released reference `.pth` (weights-only)."""
     path = Path(path)
     if not path.is_file():
-        raise ScalesError(f"scales file {str(path)!r} does not exist")
+        what = "is a directory, not a file" if path.is_dir() else "does not exist"
+        raise ScalesError(f"scales file {str(path)!r} {what}")
     with open(path, "rb") as f:
-        head = f.read(8)
-    if head[:2] == b"PK" or head[:1] == b"\x80":  # a zip (torch.save) or a raw pickle
-        return _load_reference(path)
-    return _load_safetensors(path)
+        head = f.read(9)
+    # safetensors: an 8-byte little-endian header length, then the JSON header. Check that first: the length's low
+    # byte can be anything, a pickle's 0x80 or a zip's "PK" included.
+    is_safetensors = head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size
+    if not is_safetensors and (head[:2] == b"PK" or head[:1] == b"\x80"):  # a zip (torch.save) or a raw pickle
+        scales = _load_reference(path)
+    else:
+        scales = _load_safetensors(path)
+    for name, entry in scales.items():  # a diverged search must not reach an optimizer
+        for branch, t in entry.items():
+            if not torch.isfinite(t).all():
+                raise ScalesError(f"{path}: layer {name!r} branch {branch!r} holds NaN or inf scales")
+    return scales
 
 
 def _load_safetensors(path: Path) -> Scales:
@@ -179,21 +197,23 @@ _REFERENCE_KEYS = [
 
 
 def _load_reference(path: Path) -> Scales:
-    import pickle
+    from .checkpoint import load_error_reason
 
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ScalesError(f"{path}: refused to load: it is not a plain tensor file (weights-only loading: {e})")\
-            from None
-    except Exception as e:  # truncated zip, foreign bytes, ...
-        raise ScalesError(f"{path}: not a readable PyTorch scales file ({type(e).__name__}: {e})") from None
+    except Exception as e:  # code in the pickle, truncated zip, foreign bytes, ...
+        unsafe, reason = load_error_reason(e)
+        if unsafe:
+            raise ScalesError(f"{path}: refused to load: {reason}") from None
+        raise ScalesError(f"{path}: not a readable PyTorch scales file ({reason})") from None
     if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
         sd = sd["state_dict"]
     if not isinstance(sd, Mapping) or not all(isinstance(v, Tensor) for v in sd.values()):
         raise ScalesError(f"{path}: expected a state dict of scale tensors")
     entries: dict[str, dict[str, Tensor]] = {}
     for key, t in sd.items():
+        if not isinstance(key, str):
+            raise ScalesError(f"{path}: key {key!r} is not a known reference scale key")
         key = key.removeprefix("module.")
         for pattern, template, branch in _REFERENCE_KEYS:
             m = pattern.match(key)

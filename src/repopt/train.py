@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import distributed as dist
-from .checkpoint import CHECKPOINT, MODEL, RESULT, CheckpointError, load_checkpoint, mode_of, save_checkpoint, \
-    save_model
+from .checkpoint import CHECKPOINT, MODEL, RESULT, CheckpointError, load_run_checkpoint, mode_of, \
+    save_checkpoint, save_model
 from .metrics import MetricsLog
 
 METHODS = ("repopt", "repvgg", "plain", "hs")
@@ -86,6 +86,19 @@ class TrainConfig:
         if self.batch_size < 1 or self.accumulate < 1:
             raise TrainingError(f"--batch-size and --accumulate must be positive, got {self.batch_size} and "
                                 f"{self.accumulate}")
+        # torch's own refusals of these come as bare ValueErrors after the run directory exists
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise TrainingError(f"--lr must be a finite number > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise TrainingError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
+        if not 0 <= self.label_smoothing < 1:
+            raise TrainingError(f"--label-smoothing must lie in [0, 1), got {self.label_smoothing}")
+        if self.ema is not None and not 0 < self.ema < 1:
+            raise TrainingError(f"--ema is a decay in (0, 1), e.g. 0.999; got {self.ema}")
+        from .models import list_models
+
+        if self.arch not in list_models():
+            raise TrainingError(f"unknown model {self.arch!r}; known models: {', '.join(list_models())}")
         if self.method == "repopt" and self.grad_clip:
             raise TrainingError("gradient clipping is refused with RepOpt: clipping by the global norm is not an "
                                 "elementwise constant map, so the target conv would no longer train as its "
@@ -118,7 +131,7 @@ def build_model(cfg: TrainConfig) -> nn.Module:
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module, fresh: bool):
     from .optim import RepOptAdamW, RepOptLion, RepOptSGD, param_groups
-    from .scales import load_scales
+    from .scales import ScalesError, load_scales
     from .search import hs_param_groups
 
     kwargs = {"sgd": dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0),
@@ -127,8 +140,12 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, fresh: bool):
         kwargs["fused"] = True  # torch's fastest path on CPU and CUDA
     if cfg.method == "repopt":
         cls = {"sgd": RepOptSGD, "adamw": RepOptAdamW, "lion": RepOptLion}[cfg.optimizer]
-        return cls.from_scales(model, load_scales(cfg.scales), reinit=fresh, identity_init=cfg.identity_init,
-                               weight_decay=cfg.weight_decay, **kwargs)
+        scales = load_scales(cfg.scales)
+        try:
+            return cls.from_scales(model, scales, reinit=fresh, identity_init=cfg.identity_init,
+                                   weight_decay=cfg.weight_decay, **kwargs)
+        except ScalesError as e:  # name the file as well as the layer
+            raise ScalesError(f"{cfg.scales} does not fit {cfg.arch}: {e}") from None
     groups = hs_param_groups(model, cfg.weight_decay) if cfg.method == "hs" else \
         param_groups(model, cfg.weight_decay)
     cls = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "lion": RepOptLion}[cfg.optimizer]
@@ -170,6 +187,24 @@ def _prepare_out(out: Path) -> None:
         raise TrainingError(f"output directory {str(out)!r} is not writable ({e.strerror})") from None
 
 
+def uses_grad_scaler(cfg: TrainConfig, device: torch.device) -> bool:
+    """fp16 autocast (CUDA) needs loss scaling; bf16 (CPU) has fp32's range and does not."""
+    return cfg.amp and device.type == "cuda"
+
+
+def _kept(ckpt_path: Path, epochs_done: int) -> str:
+    if epochs_done and ckpt_path.is_file():
+        return f"the last good checkpoint {ckpt_path} (epoch {epochs_done}) is kept"
+    return "no checkpoint had been written yet"
+
+
+def _first_non_finite(model: nn.Module) -> str | None:
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            return name
+    return None
+
+
 def _check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
     for key in RESUME_KEYS:
         if saved.get(key) != getattr(cfg, key):
@@ -198,7 +233,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if rank == 0:
             _prepare_out(out)
         ckpt_path = out / CHECKPOINT
-        resume = load_checkpoint(ckpt_path) if ckpt_path.is_file() else None
+        resume = load_run_checkpoint(ckpt_path) if ckpt_path.is_file() else None
         if resume is not None:
             _check_resumable(resume["config"], cfg, ckpt_path)
 
@@ -218,18 +253,22 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
             ema = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
-        use_cuda_amp = cfg.amp and device.type == "cuda"
-        scaler = torch.amp.GradScaler(device.type, enabled=use_cuda_amp)
+        use_scaler = uses_grad_scaler(cfg, device)
+        scaler = torch.amp.GradScaler(device.type, enabled=use_scaler)
         amp_dtype = torch.float16 if device.type == "cuda" else torch.bfloat16
 
         start_epoch, train_seconds, skipped = 0, 0.0, 0
         if resume is not None:
-            model.load_state_dict(resume["model"])
-            optimizer.load_state_dict(resume["optimizer"])  # refuses other multipliers than the run started with
+            try:
+                model.load_state_dict(resume["model"])
+                optimizer.load_state_dict(resume["optimizer"])  # refuses other multipliers than the run started with
+            except (RuntimeError, ValueError) as e:
+                raise CheckpointError(f"{ckpt_path} cannot resume this run: {e}") from None
             scheduler.load_state_dict(resume["scheduler"])
             if ema is not None and "ema" in resume:
                 ema.load_state_dict(resume["ema"])
-            scaler.load_state_dict(resume.get("scaler", scaler.state_dict()))
+            if resume.get("scaler"):  # empty when the run started without a GradScaler (e.g. without --amp)
+                scaler.load_state_dict(resume["scaler"])
             torch.set_rng_state(resume["rng"])
             start_epoch, train_seconds, skipped = resume["epoch"], resume["train_seconds"], resume["skipped_steps"]
         net = dist.wrap(model, device)
@@ -252,19 +291,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                         logits = net(xm)
                         loss = F.cross_entropy(logits.float(), ym, label_smoothing=cfg.label_smoothing)
                     if not torch.isfinite(loss):
-                        raise TrainingError(f"the loss became {float(loss)} at step {epoch * steps_per_epoch + step}"
-                                            f" (epoch {epoch + 1}); stopped, the last good checkpoint "
-                                            f"{ckpt_path} is kept (lower --lr?)")
+                        raise TrainingError(f"the loss became {float(loss.detach())} at step "
+                                            f"{epoch * steps_per_epoch + step} (epoch {epoch + 1}); stopped, "
+                                            f"{_kept(ckpt_path, epoch)} (lower --lr?)")
                     scaler.scale(loss / cfg.accumulate).backward()
                     loss_sum += float(loss.detach()) * ym.numel()
                     correct += int((logits.argmax(1) == ym).sum())
                 if cfg.grad_clip:
                     scaler.unscale_(optimizer)
                     nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                scale_before = scaler.get_scale() if use_cuda_amp else None
+                scale_before = scaler.get_scale() if use_scaler else None
                 scaler.step(optimizer)
                 scaler.update()
-                if use_cuda_amp and scaler.get_scale() < scale_before:
+                if use_scaler and scaler.get_scale() < scale_before:  # inf/NaN grads: step skipped, scale backed off
                     skipped += 1
                 scheduler.step()
                 if ema is not None:
@@ -275,6 +314,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                     img_s=f"{seen * world / (time.perf_counter() - t0):.0f}")
             epoch_seconds = time.perf_counter() - t0
             train_seconds += epoch_seconds
+            bad = _first_non_finite(model)  # a finite last loss does not mean the last update was finite
+            if bad is not None:
+                raise TrainingError(f"{bad} became NaN or inf during epoch {epoch + 1} (by step "
+                                    f"{(epoch + 1) * steps_per_epoch - 1}); stopped, {_kept(ckpt_path, epoch)} "
+                                    f"(lower --lr?)")
             eval_model = ema.module if ema is not None else model
             top1, test_loss = evaluate(eval_model, ds.test_batches(256, device=device))
             log.write({"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0],
@@ -291,8 +335,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 save_checkpoint(ckpt_path, payload)
             dist.barrier()
             if not show and rank == 0 and not cfg.quiet:
+                note = f" ({skipped} steps skipped by the AMP GradScaler so far)" if skipped else ""
                 print(f"[{cfg.method}] epoch {epoch + 1}/{cfg.epochs} loss {loss_sum / max(seen, 1):.4f} "
-                      f"test top1 {top1:.2f}%", flush=True)
+                      f"test top1 {top1:.2f}%{note}", flush=True)
 
         final = ema.module if ema is not None else model
         result = _finish(cfg, final, ds, device, out, train_seconds, skipped, steps_per_epoch, rank)

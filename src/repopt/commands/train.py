@@ -46,6 +46,8 @@ def run(args) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
+        skipped = f"; {result['skipped_steps']} steps skipped by the AMP GradScaler (inf/NaN gradients)" \
+            if result.get("skipped_steps") else ""
         print(f"{result['method']}: top-1 {result['top1']:.2f}% after {result['epochs']} epochs "
-              f"({result['train_images_per_s']:.0f} images/s); weights in {result['out']}/model.safetensors")
+              f"({result['train_images_per_s']:.0f} images/s); weights in {result['out']}/model.safetensors{skipped}")
     return 0

@@ -155,7 +155,7 @@ class BranchSet:
                 raise BranchError(f"branch {branch!r} cannot be centred in the {kh}x{kw} kernel", name)
             self.conv_scales[branch] = vec
         if not self.conv_scales and self.identity_scale is None:
-            raise BranchError(f"no branches given", name)
+            raise BranchError("no branches given", name)
         self._tables: dict[tuple, Tensor] = {}
 
     # ---- description -------------------------------------------------------------------------------------------
@@ -193,11 +193,69 @@ class BranchSet:
             table = self._tables[key] = table.to(device=key[1], dtype=dtype)
         return table
 
-    def _apply(self, grad: Tensor, power: int) -> Tensor:
-        out = grad * self.tap_table(power, grad.device, grad.dtype)
+    def _split_terms(self, power: int, device, dtype) -> tuple[Tensor, list[tuple[slice, slice, Tensor]]]:
+        """The tap table as a per-row factor over the whole window plus per-row factors on smaller supports.
+
+        Multiplying by a (C_out, 1, 1, 1) factor runs over each row's C_in*kh*kw contiguous values (vectorized);
+        the smaller branches (the 1x1 centre tap, ...) then touch only their own taps.
+        """
+        key = (power, torch.device(device) if device is not None else torch.device("cpu"), dtype, "split")
+        terms = self._tables.get(key)
+        if terms is None:
+            full, parts = torch.zeros(self.geometry.out_channels, dtype=torch.float64), {}
+            for branch, alpha in self.conv_scales.items():
+                size = branch_kernel_size(branch)
+                v = alpha.abs().pow(power)
+                if size == self.geometry.kernel_size:
+                    full += v
+                else:
+                    parts[size] = parts.get(size, 0) + v
+            cast = dict(device=key[1], dtype=dtype)
+            terms = self._tables[key] = (full.view(-1, 1, 1, 1).to(**cast),
+                                         [(*_support(self.geometry, size), v.view(-1, 1, 1, 1).to(**cast))
+                                          for size, v in parts.items()])
+        return terms
+
+    @property
+    def row_alignment(self) -> int:
+        """Row blocks handed to `multiply_rows` must start and end on a multiple of this (a whole group of the
+        identity's diagonal when the conv is grouped)."""
+        g = self.geometry
+        return g.out_channels // g.groups if self.has_identity and g.groups > 1 else 1
+
+    def _diagonal_rows(self, t: Tensor, start: int) -> Tensor:
+        """The diagonal centre taps of the rows start .. start + len(t) of a weight-shaped tensor, as a view."""
+        g, n = self.geometry, t.shape[0]
+        cy, cx = g.centre
+        if g.groups == 1:
+            return t[:, start:start + n, cy, cx].diagonal()
+        per_group = g.out_channels // g.groups
+        return t[:, :, cy, cx].unflatten(0, (n // per_group, per_group)).diagonal(dim1=1, dim2=2)
+
+    def multiply_rows(self, rows: Tensor, start: int, out: Tensor, power: int = 2) -> Tensor:
+        """out = (multiplier * G)[start : start + len(rows)], where `rows` = G[start : start + len(rows)].
+
+        power 2 gives the SGD multiplier M of (3), power 1 Lion's L of (5). `out` may be any weight-row-shaped
+        buffer (a slice of scratch memory); `rows` is only read.
+        """
+        end = start + rows.shape[0]
+        full, parts = self._split_terms(power, rows.device, rows.dtype)
+        torch.mul(rows, full[start:end], out=out)
+        for ys, xs, v in parts:
+            out[:, :, ys, xs].addcmul_(rows[:, :, ys, xs], v[start:end])
         if self.has_identity:
-            diagonal_taps(out, self.geometry).add_(diagonal_taps(grad, self.geometry))
+            self._diagonal_rows(out, start).add_(self._diagonal_rows(rows, start))
         return out
+
+    def _apply(self, grad: Tensor, power: int) -> Tensor:
+        return self.multiply_rows(grad, 0, torch.empty_like(grad), power)
+
+    def nbytes(self) -> int:
+        """Bytes this set keeps alive: its scale vectors and every cached per-channel table."""
+        tensors = list(self.scales().values())
+        for cached in self._tables.values():
+            tensors += [cached] if isinstance(cached, Tensor) else [cached[0]] + [v for *_, v in cached[1]]
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def apply_sgd(self, grad: Tensor) -> Tensor:
         """M * G as a new tensor, M from (3)."""
@@ -289,6 +347,14 @@ class FixedMultiplier:
         return grad * self._get(grad)
 
     apply_lion = apply_sgd
+    row_alignment = 1
+
+    def multiply_rows(self, rows: Tensor, start: int, out: Tensor, power: int = 2) -> Tensor:
+        """out = (mult * G)[start : start + len(rows)] (the same full tensor serves SGD and Lion)."""
+        return torch.mul(rows, self._get(rows)[start:start + rows.shape[0]], out=out)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in [self.mult, *self._cache.values()])
 
     def __repr__(self) -> str:
         return f"FixedMultiplier({self.name}, {tuple(self.mult.shape)})"

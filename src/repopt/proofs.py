@@ -35,6 +35,17 @@ OPTIMIZERS = {
                                    dict(lr=0.05, momentum=0.8, dampening=0.1, weight_decay=1e-3),
                                    {"cosine": True, "accumulate": 2}),
     "sgd fused": (torch.optim.SGD, RepOptSGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3, fused=True), {}),
+    # RepOptSGD's block path cut into one-row blocks (several scratch refills per step), and its whole-tensor path
+    "sgd fused one-row blocks": (torch.optim.SGD, RepOptSGD,
+                                 dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3, fused=True),
+                                 {"repopt_kwargs": {"scratch_bytes": 1}}),
+    "sgd foreach dampening one-row blocks": (torch.optim.SGD, RepOptSGD,
+                                             dict(lr=0.05, momentum=0.8, dampening=0.1, weight_decay=1e-3,
+                                                  foreach=True), {"repopt_kwargs": {"scratch_bytes": 1}}),
+    "sgd no momentum one-row blocks": (torch.optim.SGD, RepOptSGD, dict(lr=0.05, weight_decay=1e-3),
+                                       {"repopt_kwargs": {"scratch_bytes": 1}}),
+    "sgd whole tensors": (torch.optim.SGD, RepOptSGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+                          {"repopt_kwargs": {"scratch_bytes": 0}}),
     "adamw": (torch.optim.AdamW, RepOptAdamW, dict(lr=2e-3, weight_decay=0.05), {}),
     "adamw amsgrad": (torch.optim.AdamW, RepOptAdamW, dict(lr=2e-3, weight_decay=0.05, amsgrad=True), {}),
     "lion": (RepOptLion, RepOptLion, dict(lr=2e-4, weight_decay=0.1), {}),
@@ -114,7 +125,8 @@ def run_proof(optimizer: str, branch_set: str, steps: int = 200, seed: int = 0) 
     batches = _batches(cin, 8, gen)
 
     stock = stock_cls(csla.parameters(), **kwargs)
-    rep = repopt_cls.from_scales(target, scales, reinit=False, params=list(target.parameters()), **kwargs)
+    rep = repopt_cls.from_scales(target, scales, reinit=False, params=list(target.parameters()), **kwargs,
+                                 **extras.get("repopt_kwargs", {}))
     scheds = []
     if extras.get("cosine"):
         scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=steps) for o in (stock, rep)]

@@ -3,6 +3,14 @@
 Weight decay, momentum, dampening, nesterov and maximize then act exactly as in torch.optim.SGD, in torch's own
 order, through torch's functional `sgd` (so the single-tensor, foreach and fused paths and the fused AMP path are
 torch's). `p.grad` is never modified: the multiplied gradient is a temporary.
+
+How the temporary is kept small and in cache (the default path): a target weight is cut into blocks of output
+channels; M * G of a block is written into a scratch buffer of `scratch_bytes` (allocated per step), and once the
+scratch is full, torch's `sgd` updates the matching blocks of the parameters and momentum buffers (views) while the
+multiplied gradient is still in cache. The step so reads G, p and the buffer from memory about once, like torch SGD,
+instead of writing and re-reading a full-size M * G, and never holds more than the scratch in temporaries. On a
+weight's first step torch creates the momentum buffers of the blocks; they are copied into one full-size buffer.
+`differentiable=True` and weights whose memory layout cannot be cut in row blocks take the whole-tensor path.
 """
 from __future__ import annotations
 
@@ -14,6 +22,16 @@ from torch.optim.sgd import sgd
 
 from .base import RepOptMixin
 
+DEFAULT_SCRATCH_BYTES = 1 << 20  # about one core's L2 on current x86 CPUs; see docs/benchmarks.md
+
+
+def _cuttable(p: Tensor, grad: Tensor, buf: Tensor | None) -> bool:
+    """Can p, its grad and its buffer be cut into row blocks that share one dense, non-overlapping layout?"""
+    if p.ndim < 2 or grad.stride() != p.stride() or (buf is not None and buf.stride() != p.stride()):
+        return False
+    dense = p.is_contiguous() or (p.ndim == 4 and p.is_contiguous(memory_format=torch.channels_last))
+    return dense and p.stride(0) == p[0].numel()
+
 
 class RepOptSGD(RepOptMixin, torch.optim.SGD):
     _default_weight_decay = 0.0
@@ -21,12 +39,23 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
     def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
-                 grad_mults: Mapping[Tensor, Any] | None = None):
+                 grad_mults: Mapping[Tensor, Any] | None = None, scratch_bytes: int = DEFAULT_SCRATCH_BYTES):
+        """scratch_bytes: size of the per-step buffer that receives M * G block by block (0: whole tensors)."""
+        if scratch_bytes < 0:
+            raise ValueError(f"scratch_bytes must be >= 0, got {scratch_bytes}")
+        self.scratch_bytes = int(scratch_bytes)
         self._init_multipliers(grad_mults)
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                          nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
                          fused=fused)
         self._check_all_bound()
+
+    def _sgd(self, group, params, grads, buffers, has_sparse: bool = False) -> None:
+        sgd(params, grads, buffers, weight_decay=group["weight_decay"], momentum=group["momentum"],
+            lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
+            maximize=group["maximize"], has_sparse_grad=has_sparse, foreach=group["foreach"],
+            fused=group["fused"], grad_scale=getattr(self, "grad_scale", None),
+            found_inf=getattr(self, "found_inf", None))
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -35,30 +64,81 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
             with torch.enable_grad():
                 loss = closure()
         for gi, group in enumerate(self.param_groups):
-            params, grads, buffers = [], [], []
+            momentum = group["momentum"] != 0
+            params, grads, buffers, blocked = [], [], [], []
             has_sparse = False
             for p, mult in zip(group["params"], self._multipliers[gi]):
                 if p.grad is None:
                     continue
                 grad = p.grad
+                buf = self.state[p].get("momentum_buffer") if momentum else None
                 if mult is not None:
                     if grad.is_sparse:
                         raise RuntimeError(f"{mult.name}: RepOptSGD does not support sparse gradients on a "
                                            f"parameter with a multiplier")
+                    if self.scratch_bytes and not group["differentiable"] and _cuttable(p, grad, buf):
+                        blocked.append((p, mult, buf))
+                        continue
                     grad = mult.apply_sgd(grad)
                 has_sparse |= grad.is_sparse
                 params.append(p)
                 grads.append(grad)
-                if group["momentum"] != 0:
-                    buffers.append(self.state[p].get("momentum_buffer"))
-            if not params:
-                continue
-            sgd(params, grads, buffers, weight_decay=group["weight_decay"], momentum=group["momentum"],
-                lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
-                maximize=group["maximize"], has_sparse_grad=has_sparse, foreach=group["foreach"],
-                fused=group["fused"], grad_scale=getattr(self, "grad_scale", None),
-                found_inf=getattr(self, "found_inf", None))
-            if group["momentum"] != 0:
-                for p, buf in zip(params, buffers):
-                    self.state[p]["momentum_buffer"] = buf
+                if momentum:
+                    buffers.append(buf)
+            if params:
+                self._sgd(group, params, grads, buffers, has_sparse)
+                if momentum:
+                    for p, buf in zip(params, buffers):
+                        self.state[p]["momentum_buffer"] = buf
+            if blocked:
+                # torch's fused SGD treats a call as a first step only when no buffer at all exists yet
+                first = [item for item in blocked if momentum and item[2] is None]
+                self._step_in_blocks(group, [item for item in blocked if not (momentum and item[2] is None)])
+                for p, mult, _ in first:
+                    self.state[p]["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+                self._step_in_blocks(group, [(p, m, None) for p, m, _ in first], first_step=True)
         return loss
+
+    def _step_in_blocks(self, group, blocked: list, first_step: bool = False) -> None:
+        """The default path: M * G block by block into a small scratch, each full scratch one `sgd` call.
+
+        first_step: no momentum buffers exist yet; torch creates one per block and they are copied into the full-size
+        buffers already in self.state.
+        """
+        kinds: dict[tuple, list] = {}
+        for item in blocked:
+            kinds.setdefault((item[0].grad.device, item[0].grad.dtype), []).append(item)
+        for (device, dtype), items in kinds.items():
+            itemsize = torch.empty((), dtype=dtype).element_size()
+            smallest = max(p[0].numel() * mult.row_alignment for p, mult, _ in items)
+            capacity = max(self.scratch_bytes // itemsize, smallest)
+            scratch = torch.empty(capacity, dtype=dtype, device=device)
+            used, batch, targets = 0, ([], [], []), []
+            for p, mult, buf in items:
+                grad, row, align = p.grad, p[0].numel(), mult.row_alignment
+                start = 0
+                while start < p.shape[0]:
+                    rows = (capacity - used) // row // align * align
+                    if rows == 0:  # scratch full: update what it holds, then reuse it
+                        self._flush(group, batch, targets)
+                        used, batch, targets = 0, ([], [], []), []
+                        continue
+                    end = min(p.shape[0], start + rows)
+                    out = scratch.as_strided((end - start, *p.shape[1:]), p.stride(), used)
+                    mult.multiply_rows(grad[start:end], start, out)
+                    batch[0].append(p[start:end])
+                    batch[1].append(out)
+                    if first_step:
+                        batch[2].append(None)
+                        targets.append(self.state[p]["momentum_buffer"][start:end])
+                    elif buf is not None:
+                        batch[2].append(buf[start:end])
+                    used += (end - start) * row
+                    start = end
+            if batch[0]:
+                self._flush(group, batch, targets)
+
+    def _flush(self, group, batch, targets) -> None:
+        self._sgd(group, *batch)
+        for target, created in zip(targets, batch[2]):
+            target.copy_(created)

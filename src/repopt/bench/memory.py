@@ -1,0 +1,125 @@
+"""Peak training memory, measured honestly on CPU: each method trains in a fresh Python process, and the figure is
+that process's peak resident set (Linux VmHWM, reset after the imports) minus its resident set before the model was
+built (the runtime is first warmed up on a tiny model, so thread pools and oneDNN's set-up are not counted). So
+it counts weights, gradients, optimizer state, activations and every temporary, and nothing of another method.
+torch's CPU allocations are invisible to tracemalloc, hence the process-level measure.
+
+As a second, allocator-independent view, the bytes of activations that autograd saves for the backward pass are
+counted with torch.autograd.graph.saved_tensors_hooks (parameters excluded, each storage once).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
+def _reset_peak() -> bool:
+    """Reset the kernel's peak-RSS counter (Linux >= 4.0); False where that is not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _rss_and_peak() -> tuple[int, int, str]:
+    rss, hwm = _status_kib("VmRSS"), _status_kib("VmHWM")
+    if rss is not None and hwm is not None:
+        return rss * 1024, hwm * 1024, "VmHWM"
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = peak if sys.platform == "darwin" else peak * 1024  # bytes on macOS, KiB elsewhere
+    return peak, peak, "ru_maxrss"
+
+
+def saved_activation_bytes(model, x, y) -> int:
+    """Bytes of the tensors autograd saves for the backward of one training forward (parameters excluded)."""
+    import torch
+    import torch.nn.functional as F
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+    return sum(seen.values())
+
+
+def measure_here(method: str, arch: str, image_size: int, batch_size: int, steps: int = 2, num_classes: int = 1000,
+                 threads: int | None = None, count_saved: bool = True) -> dict:
+    """Run `steps` training steps in this process and return its memory growth (call in a fresh process)."""
+    import torch
+
+    from .workloads import batch, build, param_bytes, train_step
+
+    if threads:
+        torch.set_num_threads(threads)
+    # warm up the runtime (thread pools, oneDNN, autograd engine) on a tiny model, so the baseline excludes it
+    warm_model, warm_opt = build(method, "repopt_vgg_tiny", 10)
+    train_step(warm_model, warm_opt, *batch(2, 16, 10))
+    del warm_model, warm_opt
+    x, y = batch(batch_size, image_size, num_classes)
+    reset = _reset_peak()
+    base, _, how = _rss_and_peak()
+    model, opt = build(method, arch, num_classes)
+    for _ in range(steps):
+        train_step(model, opt, x, y)
+    _, peak, how = _rss_and_peak()
+    out = {"method": method, "arch": arch, "image_size": image_size, "batch_size": batch_size, "steps": steps,
+           "peak_bytes": peak - base, "param_bytes": param_bytes(model),
+           "how": how + (" reset after imports" if reset and how == "VmHWM" else " (process peak)")}
+    if count_saved:
+        out["saved_activation_bytes"] = saved_activation_bytes(model, x, y)
+    return out
+
+
+def measure_in_subprocess(method: str, arch: str, image_size: int, batch_size: int, steps: int = 2,
+                          num_classes: int = 1000, threads: int | None = None, timeout: float = 1800) -> dict:
+    spec = dict(method=method, arch=arch, image_size=image_size, batch_size=batch_size, steps=steps,
+                num_classes=num_classes, threads=threads)
+    env = dict(os.environ, TQDM_DISABLE="1")
+    code = "import json, sys; from repopt.bench.memory import measure_here; " \
+           "print(json.dumps(measure_here(**json.loads(sys.argv[1]))))"
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"memory measurement of {method} failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def peak_memory(arch: str, image_size: int, batch_size: int, methods=("repopt", "repvgg"), steps: int = 2,
+                num_classes: int = 1000, threads: int | None = None, progress=None) -> dict:
+    """Peak training memory of each method (fresh process each), and repopt / repvgg."""
+    out = {"arch": arch, "image_size": image_size, "batch_size": batch_size}
+    for method in methods:
+        out[method] = measure_in_subprocess(method, arch, image_size, batch_size, steps, num_classes, threads)
+        if progress is not None:
+            progress()
+    if "repopt" in out and "repvgg" in out:
+        out["peak_ratio_repopt_vs_repvgg"] = out["repopt"]["peak_bytes"] / out["repvgg"]["peak_bytes"]
+        out["saved_activation_ratio_repopt_vs_repvgg"] = (out["repopt"]["saved_activation_bytes"]
+                                                          / out["repvgg"]["saved_activation_bytes"])
+    return out

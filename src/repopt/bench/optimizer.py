@@ -1,0 +1,50 @@
+"""The cost of the optimizer step alone: RepOptSGD against torch SGD with the same flags on the same gradients, and
+the optimizer state RepOpt keeps beyond what torch SGD keeps."""
+from __future__ import annotations
+
+import torch
+
+from .timing import interleaved, paired_ratio, summary
+from .workloads import SGD_FLAGS, arch_name, build, param_bytes
+
+
+def state_bytes(opt: torch.optim.Optimizer) -> int:
+    """Bytes of every tensor the optimizer keeps between steps: its state, and RepOpt's multipliers (scale vectors and
+    cached per-channel tables)."""
+    total = sum(t.numel() * t.element_size() for s in opt.state.values() for t in s.values()
+                if isinstance(t, torch.Tensor))
+    for mult in getattr(opt, "branch_sets", []):
+        if mult is not None:
+            total += mult.nbytes()
+    return total
+
+
+def _same_gradients(models, seed: int = 0) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for params in zip(*(m.parameters() for m in models)):
+        grad = torch.randn(params[0].shape, generator=g).to(params[0].device, params[0].dtype)
+        for p in params:
+            p.grad = grad.clone()
+
+
+def optimizer_step(arch: str, num_classes: int, repeats: int, device="cpu", warmup: int = 2, scales=None,
+                   sgd_flags: dict | None = None, sync=None, progress=None, **model_options) -> dict:
+    """Time `step()` of torch SGD and RepOptSGD (same flags, same gradients), interleaved; report both and ratios."""
+    flags = dict(SGD_FLAGS if sgd_flags is None else sgd_flags)
+    plain, opt_plain = build("plain", arch, num_classes, device=device, sgd_flags=flags, **model_options)
+    rep, opt_rep = build("repopt", arch, num_classes, scales=scales, device=device, sgd_flags=flags,
+                         **model_options)
+    _same_gradients([plain, rep])
+    times = interleaved({"torch_sgd": opt_plain.step, "repopt_sgd": opt_rep.step}, repeats, warmup, sync, progress)
+    n_bytes = param_bytes(rep)
+    extra = state_bytes(opt_rep) - state_bytes(opt_plain)
+    targets = sum(p.numel() for p, m in zip((p for g in opt_rep.param_groups for p in g["params"]),
+                                            opt_rep.branch_sets) if m is not None)
+    return {
+        "arch": arch_name(arch), "params": sum(p.numel() for p in rep.parameters()),
+        "params_with_multiplier": targets, "flags": {k: v for k, v in flags.items() if k != "lr"},
+        "torch_sgd": summary(times["torch_sgd"]), "repopt_sgd": summary(times["repopt_sgd"]),
+        "ratio": paired_ratio(times["repopt_sgd"], times["torch_sgd"]),
+        "param_bytes": n_bytes, "extra_state_bytes": extra, "extra_state_fraction": extra / n_bytes,
+        "scratch_bytes_per_step": getattr(opt_rep, "scratch_bytes", 0),
+    }

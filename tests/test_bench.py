@@ -1,0 +1,30 @@
+"""`repopt bench --quick --json` runs and reports every figure: keys and types only, never timings (they depend on
+the machine and its load)."""
+from __future__ import annotations
+
+import json
+import math
+
+from repopt.bench import KEYS
+from repopt.cli import main
+
+
+def test_quick_bench_reports_every_key(capsys):
+    assert main(["bench", "--quick", "--json", "--threads", "1", "--quiet"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("optimizer_step_ratio", "optimizer_extra_state_fraction", "train_step_ratio_vs_plain",
+                "train_throughput_ratio_vs_repvgg", "peak_memory_ratio_vs_repvgg"):
+        assert key in KEYS
+        assert isinstance(result[key], float) and math.isfinite(result[key]) and result[key] > 0, key
+        assert isinstance(result["met"][key], bool), key
+    env = result["environment"]
+    assert env["device"].startswith("cpu") and env["torch"] and env["threads"] == 1
+    d = result["details"]
+    assert d["optimizer"]["torch_sgd"]["median_s"] > 0 and d["optimizer"]["repopt_sgd"]["median_s"] > 0
+    assert {"plain", "repopt", "repvgg"} <= set(d["training"][0])
+    assert d["memory"][0]["repopt"]["peak_bytes"] > 0
+
+
+def test_bench_refuses_bad_repeats(capsys):
+    assert main(["bench", "--quick", "--repeats", "0"]) == 2
+    assert "--repeats" in capsys.readouterr().err

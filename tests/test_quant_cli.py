@@ -25,8 +25,20 @@ def _train(out, method, **kw):
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """These models are tiny: one torch thread loses little on an idle machine, and on a shared one two threads that
+    wait for each other were measured 4x slower (training) to 20x slower (inference)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("qruns")
     hs = _train(root / "hs", "hs", grad_clip=5.0)
     # no separate plain run: once deployed it is the same network as repopt's, and each training costs seconds

@@ -109,3 +109,30 @@ def test_bad_branch_sets_name_the_layer(geometry, scales, message):
     with pytest.raises(BranchError, match=message) as e:
         BranchSet(geometry, scales, name="stage1.0.conv")
     assert "stage1.0.conv" in str(e.value)
+
+
+@pytest.mark.parametrize("geometry", [ConvGeometry(8, 8, (3, 3)), ConvGeometry(8, 8, (3, 3), groups=2),
+                                      ConvGeometry(6, 6, (3, 3), groups=6), ConvGeometry(6, 5, (3, 3))])
+def test_multiply_rows_on_any_block_equals_the_full_multiplier(geometry):
+    """The block, pattern, table and in-place paths of multiply_rows give the same M * G (and L * G), bit for bit."""
+    gen = torch.Generator().manual_seed(0)
+    c = geometry.out_channels
+    scales = {"3x3": torch.randn(c, generator=gen), "1x1": torch.randn(c, generator=gen)}
+    if geometry.identity_reason() is None:
+        scales["identity"] = torch.rand(c, generator=gen)
+    bs = BranchSet(geometry, scales)
+    grad = torch.randn(geometry.weight_shape, generator=gen, dtype=torch.float64)
+    for power, full in ((2, bs.sgd_multiplier()), (1, bs.lion_multiplier())):
+        expected = bs.multiply_rows(grad, 0, torch.empty_like(grad), power)
+        assert torch.allclose(expected, full * grad, rtol=1e-15, atol=0)  # the diagonal's +G is a second rounding
+        step = bs.row_alignment
+        blocks = torch.empty_like(grad)
+        for start in range(0, c, step):  # one aligned block at a time, into a separate buffer
+            bs.multiply_rows(grad[start:start + step], start, blocks[start:start + step], power)
+        assert torch.equal(blocks, expected)
+        in_place = grad.clone()
+        bs.multiply_rows(in_place, 0, in_place, power)
+        assert torch.equal(in_place, expected)
+        channels_last = grad.contiguous(memory_format=torch.channels_last)
+        out = torch.empty_like(channels_last)
+        assert torch.equal(bs.multiply_rows(channels_last, 0, out, power), expected)

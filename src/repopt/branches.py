@@ -10,8 +10,8 @@ trainable identity scale a. Everything repopt computes for one target conv lives
     L   = sum_b |alpha_b| E_b(1) + D(1)                                 exact Lion multiplier (5)
 
 The per-channel scale vectors are the source of truth; every full-size tensor is derived from them on demand, and the
-multipliers are applied through a small (C_out, kh, kw) tap table broadcast over the input channels plus a correction
-on the diagonal centre taps, so no state the size of the weight is ever kept.
+multipliers are applied through a small (C_out, kh, kw) tap table repeated over the input channels plus a correction
+on the diagonal centre taps, so no state the size of the weight is ever kept (`multiply_rows`).
 """
 from __future__ import annotations
 
@@ -193,28 +193,15 @@ class BranchSet:
             table = self._tables[key] = table.to(device=key[1], dtype=dtype)
         return table
 
-    def _split_terms(self, power: int, device, dtype) -> tuple[Tensor, list[tuple[slice, slice, Tensor]]]:
-        """The tap table as a per-row factor over the whole window plus per-row factors on smaller supports.
+    def _pattern_repeat(self) -> int:
+        """How many input channels one multiply pattern spans (the largest divisor of C_in/groups up to 16).
 
-        Multiplying by a (C_out, 1, 1, 1) factor runs over each row's C_in*kh*kw contiguous values (vectorized);
-        the smaller branches (the 1x1 centre tap, ...) then touch only their own taps.
+        Broadcasting the (C_out, 1, kh, kw) table over the input channels leaves an inner loop of only kh*kw values;
+        repeating the taps R times gives the multiply an inner loop of R*kh*kw contiguous values, which runs about
+        as fast as a plain multiply (docs/benchmarks.md).
         """
-        key = (power, torch.device(device) if device is not None else torch.device("cpu"), dtype, "split")
-        terms = self._tables.get(key)
-        if terms is None:
-            full, parts = torch.zeros(self.geometry.out_channels, dtype=torch.float64), {}
-            for branch, alpha in self.conv_scales.items():
-                size = branch_kernel_size(branch)
-                v = alpha.abs().pow(power)
-                if size == self.geometry.kernel_size:
-                    full += v
-                else:
-                    parts[size] = parts.get(size, 0) + v
-            cast = dict(device=key[1], dtype=dtype)
-            terms = self._tables[key] = (full.view(-1, 1, 1, 1).to(**cast),
-                                         [(*_support(self.geometry, size), v.view(-1, 1, 1, 1).to(**cast))
-                                          for size, v in parts.items()])
-        return terms
+        per_group = self.geometry.in_channels // self.geometry.groups
+        return max(r for r in range(1, 17) if per_group % r == 0)
 
     @property
     def row_alignment(self) -> int:
@@ -236,15 +223,24 @@ class BranchSet:
         """out = (multiplier * G)[start : start + len(rows)], where `rows` = G[start : start + len(rows)].
 
         power 2 gives the SGD multiplier M of (3), power 1 Lion's L of (5). `out` may be any weight-row-shaped
-        buffer (a slice of scratch memory); `rows` is only read.
+        buffer (a slice of scratch memory), or `rows` itself to multiply in place.
         """
-        end = start + rows.shape[0]
-        full, parts = self._split_terms(power, rows.device, rows.dtype)
-        torch.mul(rows, full[start:end], out=out)
-        for ys, xs, v in parts:
-            out[:, :, ys, xs].addcmul_(rows[:, :, ys, xs], v[start:end])
-        if self.has_identity:
-            self._diagonal_rows(out, start).add_(self._diagonal_rows(rows, start))
+        n, per_group = rows.shape[:2]
+        table = self.tap_table(power, rows.device, rows.dtype)[start:start + n]
+        diagonal = None
+        if self.has_identity:  # read before an in-place multiply overwrites it
+            diagonal = self._diagonal_rows(rows, start)
+            diagonal = diagonal.clone() if out.data_ptr() == rows.data_ptr() else diagonal
+        r = self._pattern_repeat()
+        if r > 1 and rows.is_contiguous() and out.is_contiguous():
+            taps = table[:, 0].flatten(1)  # (n, kh*kw)
+            pattern = taps.unsqueeze(1).expand(n, r, taps.shape[1]).reshape(n, 1, r * taps.shape[1])
+            shape = (n, per_group // r, r * taps.shape[1])
+            torch.mul(rows.view(shape), pattern, out=out.view(shape))
+        else:
+            torch.mul(rows, table, out=out)
+        if diagonal is not None:
+            self._diagonal_rows(out, start).add_(diagonal)
         return out
 
     def _apply(self, grad: Tensor, power: int) -> Tensor:
@@ -252,9 +248,7 @@ class BranchSet:
 
     def nbytes(self) -> int:
         """Bytes this set keeps alive: its scale vectors and every cached per-channel table."""
-        tensors = list(self.scales().values())
-        for cached in self._tables.values():
-            tensors += [cached] if isinstance(cached, Tensor) else [cached[0]] + [v for *_, v in cached[1]]
+        tensors = [*self.scales().values(), *self._tables.values()]
         return sum(t.numel() * t.element_size() for t in tensors)
 
     def apply_sgd(self, grad: Tensor) -> Tensor:

@@ -51,7 +51,7 @@ class RepOptLion(RepOptMixin, torch.optim.Optimizer):
                     p.mul_(1 - lr * wd)
                 update = exp_avg.mul(beta1).add_(grad, alpha=1 - beta1).sign_()
                 if mult is not None:
-                    update = mult.apply_lion(update)
+                    mult.multiply_rows(update, 0, update, power=1)  # in place: no second temporary
                 p.add_(update, alpha=-lr)
                 exp_avg.mul_(beta2).add_(grad, alpha=1 - beta2)
         return loss

@@ -11,16 +11,20 @@ multiplied gradient is still in cache. The step so reads G, p and the buffer fro
 instead of writing and re-reading a full-size M * G, and never holds more than the scratch in temporaries. On a
 weight's first step torch creates the momentum buffers of the blocks; they are copied into one full-size buffer.
 `differentiable=True` and weights whose memory layout cannot be cut in row blocks take the whole-tensor path.
+`compiled=True` opts into one compiled kernel per weight instead (compiled.py).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Any, Mapping
 
 import torch
 from torch import Tensor
 from torch.optim.sgd import sgd
 
+from ..branches import BranchSet
 from .base import RepOptMixin
+from .compiled import step_compiled
 
 DEFAULT_SCRATCH_BYTES = 1 << 20  # about one core's L2 on current x86 CPUs; see docs/benchmarks.md
 
@@ -39,11 +43,15 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
     def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
-                 grad_mults: Mapping[Tensor, Any] | None = None, scratch_bytes: int = DEFAULT_SCRATCH_BYTES):
-        """scratch_bytes: size of the per-step buffer that receives M * G block by block (0: whole tensors)."""
+                 grad_mults: Mapping[Tensor, Any] | None = None, scratch_bytes: int = DEFAULT_SCRATCH_BYTES,
+                 compiled: bool = False):
+        """scratch_bytes: size of the per-step buffer that receives M * G block by block (0: whole tensors).
+        compiled: update each target weight with one torch.compile'd kernel (multiply and SGD in one pass; see
+            repopt/optim/compiled.py): fastest per step, but the first steps compile (seconds per weight shape).
+        """
         if scratch_bytes < 0:
             raise ValueError(f"scratch_bytes must be >= 0, got {scratch_bytes}")
-        self.scratch_bytes = int(scratch_bytes)
+        self.scratch_bytes, self.compiled = int(scratch_bytes), bool(compiled)
         self._init_multipliers(grad_mults)
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                          nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
@@ -65,7 +73,7 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
                 loss = closure()
         for gi, group in enumerate(self.param_groups):
             momentum = group["momentum"] != 0
-            params, grads, buffers, blocked = [], [], [], []
+            params, grads, buffers, blocked, compiled = [], [], [], [], []
             has_sparse = False
             for p, mult in zip(group["params"], self._multipliers[gi]):
                 if p.grad is None:
@@ -76,6 +84,9 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
                     if grad.is_sparse:
                         raise RuntimeError(f"{mult.name}: RepOptSGD does not support sparse gradients on a "
                                            f"parameter with a multiplier")
+                    if self._compilable(group, p, mult, buf):
+                        compiled.append((p, mult, buf))
+                        continue
                     if self.scratch_bytes and not group["differentiable"] and _cuttable(p, grad, buf):
                         blocked.append((p, mult, buf))
                         continue
@@ -90,6 +101,17 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
                 if momentum:
                     for p, buf in zip(params, buffers):
                         self.state[p]["momentum_buffer"] = buf
+            for i, (p, mult, buf) in enumerate(compiled):
+                try:
+                    step_compiled(group, p, mult, buf)
+                except Exception as e:  # no C++ compiler, an unsupported backend...: the eager path is exact too
+                    if i:  # a failure after a success is a bug, not a missing toolchain
+                        raise
+                    warnings.warn(f"RepOptSGD(compiled=True) could not compile its update ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''}); using the eager path", stacklevel=2)
+                    self.compiled = False
+                    blocked += compiled
+                    break
             if blocked:
                 # torch's fused SGD treats a call as a first step only when no buffer at all exists yet
                 first = [item for item in blocked if momentum and item[2] is None]
@@ -98,6 +120,13 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
                     self.state[p]["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
                 self._step_in_blocks(group, [(p, m, None) for p, m, _ in first], first_step=True)
         return loss
+
+    def _compilable(self, group, p: Tensor, mult, buf: Tensor | None) -> bool:
+        """The compiled path takes contiguous weights with branch scales once their momentum buffer exists."""
+        return (self.compiled and isinstance(mult, BranchSet) and not group["differentiable"]
+                and getattr(self, "grad_scale", None) is None and getattr(self, "found_inf", None) is None
+                and (buf is not None or group["momentum"] == 0) and p.is_contiguous() and p.grad.is_contiguous()
+                and (buf is None or buf.is_contiguous()))
 
     def _step_in_blocks(self, group, blocked: list, first_step: bool = False) -> None:
         """The default path: M * G block by block into a small scratch, each full scratch one `sgd` call.

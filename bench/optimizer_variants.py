@@ -4,7 +4,8 @@
     scratch N            RepOptSGD writing M * G block by block into an N-byte scratch (its default path)
     whole tensors        RepOptSGD with scratch_bytes=0: M * G as one full-size temporary per weight
     grad in place        p.grad *= M in place, then torch SGD (changes what the user sees in p.grad)
-    compiled             torch.compile of one fused multiply+SGD update per weight (--compile; compile time shown)
+    compiled             RepOptSGD(compiled=True): multiply and SGD update in one compiled kernel per weight
+                         (--compile; the compile time of its first step is shown)
 
     python bench/optimizer_variants.py [--arch repopt_vgg_b1] [--repeats 15] [--fused/--no-fused] [--compile]
 """
@@ -28,42 +29,8 @@ def in_place_step(opt, plain_opt):
         for p, mult in zip(params, opt.branch_sets):
             if mult is None:
                 continue
-            g = p.grad
-            full, parts = mult._split_terms(2, g.device, g.dtype)
-            saved = [(ys, xs, v, g[:, :, ys, xs].clone()) for ys, xs, v in parts]
-            diag = mult._diagonal_rows(g, 0).clone() if mult.has_identity else None
-            g.mul_(full)
-            for ys, xs, v, taps in saved:
-                g[:, :, ys, xs].addcmul_(taps, v)
-            if diag is not None:
-                mult._diagonal_rows(g, 0).add_(diag)
+            mult.multiply_rows(p.grad, 0, p.grad)
         plain_opt.step()
-    return step
-
-
-def compiled_step(opt, flags):
-    """One compiled function per weight shape: multiply by M (table + identity mask) and the SGD update fused."""
-    lr, wd, mom = flags["lr"], flags["weight_decay"], flags["momentum"]
-
-    def update(p, g, buf, table, eye):
-        d = g * (table + eye) + wd * p
-        buf.mul_(mom).add_(d)
-        p.sub_(lr * (d + mom * buf))
-
-    fn = torch.compile(update, fullgraph=True)
-    params = [p for g in opt.param_groups for p in g["params"]]
-    work = []
-    for p, mult in zip(params, opt.branch_sets):
-        table = mult.tap_table(2, p.device, p.dtype) if mult is not None else torch.ones(1, dtype=p.dtype)
-        eye = torch.zeros(1, dtype=p.dtype)
-        if mult is not None and mult.has_identity:
-            eye = torch.zeros_like(p)
-            mult._diagonal_rows(eye, 0).fill_(1)  # a full-size mask: fine for timing, not what repopt keeps
-        work.append((p, table, eye))
-
-    def step():
-        for p, table, eye in work:
-            fn(p, p.grad, opt.state[p]["momentum_buffer"], table, eye)
     return step
 
 
@@ -105,12 +72,12 @@ def main() -> None:
     for p, q in zip(m.parameters(), m2.parameters()):
         q.grad = p.grad
     if args.compile:
-        oc.step()  # creates the momentum buffers
+        oc.compiled = True
+        oc.step()  # creates the momentum buffers (eager)
         t0 = time.perf_counter()
-        step = compiled_step(oc, flags)
-        step()
+        oc.step()  # compiles
         compile_s = time.perf_counter() - t0
-        variants["compiled"] = step
+        variants["compiled"] = oc.step
     times = interleaved(variants, args.repeats, warmup=2)
     base = times["torch SGD"]
     rows = {k: {**summary(v), "ratio_vs_torch_sgd": paired_ratio(v, base)} for k, v in times.items()}

@@ -30,6 +30,11 @@ def format_report(r: dict) -> str:
     for k in KEYS:
         met = {True: "yes", False: "NO", None: "-"}[r["met"][k]]
         lines.append(f"{k:34s} {_fmt(r[k]):>7s}  {r['targets'][k]:8s} {met:4s} {notes[k]}")
+        c = o.get("repopt_sgd_compiled") if k == "optimizer_step_ratio" else None
+        if c is not None:
+            lines.append(f"{'  ... with compiled=True':34s} {c['ratio']:7.3f}  {'':8s} {'':4s} "
+                         f"{1e3 * c['median_s']:.1f} ms per step after {c['compile_seconds']:.1f} s of compiling"
+                         + (" (compile failed: eager fallback)" if c["fell_back_to_eager"] else ""))
     lines += ["", "training steps (forward + backward + step; median over interleaved rounds)",
               f"{'arch':16s} {'size':>5s} {'batch':>5s} {'method':7s} {'ms/step':>9s} {'images/s':>9s}"]
     for t in d["training"]:

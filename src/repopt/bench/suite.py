@@ -1,6 +1,7 @@
 """`repopt bench`: every figure of the performance claim, measured side by side in one run.
 
     optimizer_step_ratio               RepOptSGD step / torch SGD step (same flags, fused=True), same gradients
+                                       (the default path; details.optimizer.repopt_sgd_compiled: compiled=True)
     optimizer_extra_state_fraction     optimizer state RepOpt keeps beyond torch SGD's, / parameter bytes
     train_step_ratio_vs_plain          RepOpt-VGG training step / the same target model trained by torch SGD
     train_throughput_ratio_vs_repvgg   RepOpt-VGG images/s / RepVGG images/s (same arch), worst image size
@@ -40,6 +41,7 @@ class TrainSetting:
 class SuiteConfig:
     optimizer_arch: str = "repopt_vgg_b1"
     optimizer_repeats: int = 15
+    optimizer_compiled: bool = True  # also time RepOptSGD(compiled=True) (compiles for ~10 s on a CPU)
     num_classes: int = 1000
     train: list[TrainSetting] = field(default_factory=lambda: [
         TrainSetting("repopt_vgg_b1", 32, 64, 7),
@@ -50,7 +52,7 @@ class SuiteConfig:
     @classmethod
     def quick(cls) -> "SuiteConfig":
         """Seconds, for tests and a first look: the tiny preset, small batches."""
-        return cls(optimizer_arch="repopt_vgg_tiny", optimizer_repeats=5, num_classes=10,
+        return cls(optimizer_arch="repopt_vgg_tiny", optimizer_repeats=5, optimizer_compiled=False, num_classes=10,
                    train=[TrainSetting("repopt_vgg_tiny", 32, 8, 3)], memory_steps=1)
 
 
@@ -73,7 +75,7 @@ def run_suite(cfg: SuiteConfig | None = None, device="cpu", progress: bool = Fal
     try:
         env = environment(device)
         opt = optimizer_step(cfg.optimizer_arch, cfg.num_classes, cfg.optimizer_repeats, device=device, sync=sync,
-                             progress=tick)
+                             progress=tick, compiled=cfg.optimizer_compiled)
         trains = [training_steps(s.arch, s.image_size, s.batch_size, s.repeats, s.methods, cfg.num_classes,
                                  device=device, sync=sync, progress=tick) for s in cfg.train]
         mems = [] if device.type != "cpu" else [

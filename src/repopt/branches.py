@@ -219,26 +219,33 @@ class BranchSet:
         per_group = g.out_channels // g.groups
         return t[:, :, cy, cx].unflatten(0, (n // per_group, per_group)).diagonal(dim1=1, dim2=2)
 
-    def multiply_rows(self, rows: Tensor, start: int, out: Tensor, power: int = 2) -> Tensor:
+    def tap_pattern(self, power: int, device=None, dtype=torch.float64) -> Tensor:
+        """(C_out, 1, R*kh*kw): the tap table repeated over R input channels (a new tensor, R/C_in of the weight)."""
+        taps = self.tap_table(power, device, dtype)[:, 0].flatten(1)
+        r = self._pattern_repeat()
+        return taps.unsqueeze(1).expand(taps.shape[0], r, taps.shape[1]).reshape(taps.shape[0], 1, -1)
+
+    def multiply_rows(self, rows: Tensor, start: int, out: Tensor, power: int = 2,
+                      pattern: Tensor | None = None) -> Tensor:
         """out = (multiplier * G)[start : start + len(rows)], where `rows` = G[start : start + len(rows)].
 
         power 2 gives the SGD multiplier M of (3), power 1 Lion's L of (5). `out` may be any weight-row-shaped
-        buffer (a slice of scratch memory), or `rows` itself to multiply in place.
+        buffer (a slice of scratch memory), or `rows` itself to multiply in place. `pattern`: this set's
+        `tap_pattern(power)` for the whole weight, when the caller multiplies many blocks of it.
         """
         n, per_group = rows.shape[:2]
-        table = self.tap_table(power, rows.device, rows.dtype)[start:start + n]
         diagonal = None
         if self.has_identity:  # read before an in-place multiply overwrites it
             diagonal = self._diagonal_rows(rows, start)
             diagonal = diagonal.clone() if out.data_ptr() == rows.data_ptr() else diagonal
         r = self._pattern_repeat()
         if r > 1 and rows.is_contiguous() and out.is_contiguous():
-            taps = table[:, 0].flatten(1)  # (n, kh*kw)
-            pattern = taps.unsqueeze(1).expand(n, r, taps.shape[1]).reshape(n, 1, r * taps.shape[1])
-            shape = (n, per_group // r, r * taps.shape[1])
-            torch.mul(rows.view(shape), pattern, out=out.view(shape))
+            if pattern is None:
+                pattern = self.tap_pattern(power, rows.device, rows.dtype)
+            shape = (n, per_group // r, pattern.shape[-1])
+            torch.mul(rows.view(shape), pattern[start:start + n], out=out.view(shape))
         else:
-            torch.mul(rows, table, out=out)
+            torch.mul(rows, self.tap_table(power, rows.device, rows.dtype)[start:start + n], out=out)
         if diagonal is not None:
             self._diagonal_rows(out, start).add_(diagonal)
         return out
@@ -343,7 +350,10 @@ class FixedMultiplier:
     apply_lion = apply_sgd
     row_alignment = 1
 
-    def multiply_rows(self, rows: Tensor, start: int, out: Tensor, power: int = 2) -> Tensor:
+    def tap_pattern(self, power: int, device=None, dtype=None) -> None:
+        return None  # multiply_rows reads the full tensor itself
+
+    def multiply_rows(self, rows: Tensor, start: int, out: Tensor, power: int = 2, pattern=None) -> Tensor:
         """out = (mult * G)[start : start + len(rows)] (the same full tensor serves SGD and Lion)."""
         return torch.mul(rows, self._get(rows)[start:start + rows.shape[0]], out=out)
 

@@ -47,31 +47,52 @@ def _rss_and_peak() -> tuple[int, int, str]:
     return peak, peak, "ru_maxrss"
 
 
-def saved_activation_bytes(model, x, y) -> int:
-    """Bytes of the tensors autograd saves for the backward of one training forward (parameters excluded)."""
-    import torch
-    import torch.nn.functional as F
+class SavedActivations:
+    """Counts the bytes of the tensors autograd saves for backward while active (parameters excluded, each storage
+    once): `with SavedActivations(model) as saved: loss = ...; saved.bytes`."""
 
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    seen: dict[int, int] = {}
+    def __init__(self, model):
+        import torch
 
-    def pack(t):
+        self._params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self._seen: dict[int, int] = {}
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t):
         storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            seen[storage.data_ptr()] = storage.nbytes()
+        if storage.data_ptr() not in self._params:
+            self._seen[storage.data_ptr()] = storage.nbytes()
         return t
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def __enter__(self):
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._hooks.__exit__(*exc)
+
+    @property
+    def bytes(self) -> int:
+        return sum(self._seen.values())
+
+
+def saved_activation_bytes(model, x, y) -> int:
+    """Bytes saved for the backward of one training forward of `model` on (x, y) (a forward and backward)."""
+    import torch.nn.functional as F
+
+    with SavedActivations(model) as saved:
         loss = F.cross_entropy(model(x), y)
     loss.backward()
     model.zero_grad(set_to_none=True)
-    return sum(seen.values())
+    return saved.bytes
 
 
 def measure_here(method: str, arch: str, image_size: int, batch_size: int, steps: int = 2, num_classes: int = 1000,
-                 threads: int | None = None, count_saved: bool = True) -> dict:
-    """Run `steps` training steps in this process and return its memory growth (call in a fresh process)."""
+                 threads: int | None = None) -> dict:
+    """Run `steps` training steps in this process and return its memory growth (call in a fresh process); the
+    first step also counts the activations saved for backward."""
     import torch
+    import torch.nn.functional as F
 
     from .workloads import batch, build, param_bytes, train_step
 
@@ -85,15 +106,17 @@ def measure_here(method: str, arch: str, image_size: int, batch_size: int, steps
     reset = _reset_peak()
     base, _, how = _rss_and_peak()
     model, opt = build(method, arch, num_classes)
-    for _ in range(steps):
+    opt.zero_grad(set_to_none=True)
+    with SavedActivations(model) as saved:
+        loss = F.cross_entropy(model(x), y)
+    loss.backward()
+    opt.step()
+    for _ in range(steps - 1):
         train_step(model, opt, x, y)
     _, peak, how = _rss_and_peak()
-    out = {"method": method, "arch": arch, "image_size": image_size, "batch_size": batch_size, "steps": steps,
-           "peak_bytes": peak - base, "param_bytes": param_bytes(model),
-           "how": how + (" reset after imports" if reset and how == "VmHWM" else " (process peak)")}
-    if count_saved:
-        out["saved_activation_bytes"] = saved_activation_bytes(model, x, y)
-    return out
+    return {"method": method, "arch": arch, "image_size": image_size, "batch_size": batch_size, "steps": steps,
+            "peak_bytes": peak - base, "param_bytes": param_bytes(model), "saved_activation_bytes": saved.bytes,
+            "how": how + (" reset after imports" if reset and how == "VmHWM" else " (process peak)")}
 
 
 def measure_in_subprocess(method: str, arch: str, image_size: int, batch_size: int, steps: int = 2,

@@ -7,14 +7,13 @@ SGD. The price is compile time on the first steps (seconds per weight shape on a
 
 The update is torch's single-tensor SGD written out (maximize, weight decay, momentum, dampening, nesterov), applied to
 the weight viewed as (C_out, C_in/R, R*kh*kw) with the tap table repeated R times along the last axis, so the
-multiplier is read contiguously. The identity branch's +G on the diagonal centre taps is not in the pattern: those
-C_out entries are saved before, and redone after, by torch's own functional `sgd` on small vectors.
+multiplier is read contiguously. The identity branch's +G on the diagonal centre taps is not in the pattern: since the
+update is linear in the gradient, those C_out entries get what the missing term adds to the buffer and the step.
 """
 from __future__ import annotations
 
 import torch
 from torch import Tensor
-from torch.optim.sgd import sgd
 
 
 def _update(p: Tensor, g: Tensor, buf: Tensor | None, pattern: Tensor, lr: Tensor, weight_decay: float,
@@ -42,33 +41,28 @@ def compiled_update():
     return _compiled
 
 
-def step_compiled(group: dict, p: Tensor, mult, buf: Tensor | None) -> None:
-    """One RepOptSGD step of the target weight `p` (contiguous, momentum buffer present or momentum 0)."""
+def step_compiled(group: dict, p: Tensor, mult, buf: Tensor | None, lr: Tensor) -> None:
+    """One RepOptSGD step of the target weight `p` (contiguous, momentum buffer present or momentum 0).
+
+    lr: group["lr"] as a 0-dim tensor, so that a scheduler changing it does not recompile.
+    """
     grad = p.grad
-    n, per_group = p.shape[:2]
-    r = mult._pattern_repeat()
-    table = mult.tap_table(2, grad.device, grad.dtype)
-    taps = table[:, 0].flatten(1)
-    pattern = taps.unsqueeze(1).expand(n, r, taps.shape[1]).reshape(n, 1, r * taps.shape[1])
-    shape = (n, per_group // r, r * taps.shape[1])
-    diagonal = None
-    if mult.has_identity:  # saved before the update overwrites them
-        views = [mult._diagonal_rows(t, 0) for t in (p, grad) + ((buf,) if buf is not None else ())]
-        diagonal = [v.clone() for v in views]
-    lr = group["lr"]
-    lr = lr if isinstance(lr, Tensor) else torch.tensor(lr, dtype=grad.dtype, device=grad.device)
+    pattern = mult.tap_pattern(2, grad.device, grad.dtype)
+    shape = (p.shape[0], p.shape[1] // mult._pattern_repeat(), pattern.shape[-1])
+    missing = None
+    if mult.has_identity:  # the identity's +G on the diagonal centre taps, not in the pattern: read it first
+        missing = mult._diagonal_rows(grad, 0).clone()
+    momentum, dampening = float(group["momentum"]), float(group["dampening"])
     compiled_update()(p.view(shape), grad.view(shape), None if buf is None else buf.view(shape), pattern, lr,
-                      float(group["weight_decay"]), float(group["momentum"]), float(group["dampening"]),
-                      bool(group["nesterov"]), bool(group["maximize"]))
-    if diagonal is not None:
-        p_d, g_d = diagonal[0], diagonal[1]
-        b_d = diagonal[2] if buf is not None else None
-        centre = table[:, 0, mult.geometry.centre[0], mult.geometry.centre[1]]
-        m_g = g_d.flatten() * centre + g_d.flatten()  # the same two roundings as multiply_rows
-        p_flat, bufs = p_d.flatten(), [] if b_d is None else [b_d.flatten()]
-        sgd([p_flat], [m_g], bufs, weight_decay=group["weight_decay"], momentum=group["momentum"],
-            lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"], maximize=group["maximize"],
-            has_sparse_grad=False, foreach=False, fused=False)
-        views[0].copy_(p_flat.view_as(views[0]))
-        if b_d is not None:
-            views[2].copy_(bufs[0].view_as(views[2]))
+                      float(group["weight_decay"]), momentum, dampening, bool(group["nesterov"]),
+                      bool(group["maximize"]))
+    if missing is not None:
+        # every term of the update is linear in the multiplied gradient, so the missing +G enters as what it adds
+        # to the buffer and to the step (the same algebra as MATH (3), here for C_out entries)
+        e = -missing if group["maximize"] else missing
+        if momentum != 0:
+            mult._diagonal_rows(buf, 0).add_(e, alpha=1 - dampening)
+            step = 1 + momentum * (1 - dampening) if group["nesterov"] else 1 - dampening
+        else:
+            step = 1.0
+        mult._diagonal_rows(p, 0).sub_(lr * step * e)

@@ -26,7 +26,7 @@ from ..branches import BranchSet
 from .base import RepOptMixin
 from .compiled import step_compiled
 
-DEFAULT_SCRATCH_BYTES = 1 << 20  # about one core's L2 on current x86 CPUs; see docs/benchmarks.md
+DEFAULT_SCRATCH_BYTES = 4 << 20  # fastest of 0.25-16 MiB on the benchmark CPU (docs/benchmarks.md)
 
 
 def _cuttable(p: Tensor, grad: Tensor, buf: Tensor | None) -> bool:
@@ -101,9 +101,12 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
                 if momentum:
                     for p, buf in zip(params, buffers):
                         self.state[p]["momentum_buffer"] = buf
+            lr = group["lr"]
+            if compiled and not isinstance(lr, Tensor):
+                lr = torch.tensor(lr, dtype=compiled[0][0].dtype, device=compiled[0][0].device)
             for i, (p, mult, buf) in enumerate(compiled):
                 try:
-                    step_compiled(group, p, mult, buf)
+                    step_compiled(group, p, mult, buf, lr)
                 except Exception as e:  # no C++ compiler, an unsupported backend...: the eager path is exact too
                     if i:  # a failure after a success is a bug, not a missing toolchain
                         raise
@@ -145,6 +148,7 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
             used, batch, targets = 0, ([], [], []), []
             for p, mult, buf in items:
                 grad, row, align = p.grad, p[0].numel(), mult.row_alignment
+                pattern = mult.tap_pattern(2, device, dtype) if p.is_contiguous() else None
                 start = 0
                 while start < p.shape[0]:
                     rows = (capacity - used) // row // align * align
@@ -154,7 +158,7 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
                         continue
                     end = min(p.shape[0], start + rows)
                     out = scratch.as_strided((end - start, *p.shape[1:]), p.stride(), used)
-                    mult.multiply_rows(grad[start:end], start, out)
+                    mult.multiply_rows(grad[start:end], start, out, pattern=pattern)
                     batch[0].append(p[start:end])
                     batch[1].append(out)
                     if first_step:
@@ -168,6 +172,14 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
                 self._flush(group, batch, targets)
 
     def _flush(self, group, batch, targets) -> None:
-        self._sgd(group, *batch)
+        if group["fused"] and not targets and getattr(self, "grad_scale", None) is None \
+                and getattr(self, "found_inf", None) is None and not torch.jit.is_scripting():
+            # what torch's functional sgd(fused=True) calls for one device and dtype, without its per-call overhead
+            # (this runs once per scratch fill); buffers exist here, so this is never a first step
+            torch._fused_sgd_(batch[0], batch[1], batch[2], weight_decay=group["weight_decay"],
+                              momentum=group["momentum"], lr=group["lr"], dampening=group["dampening"],
+                              nesterov=group["nesterov"], maximize=group["maximize"], is_first_step=False)
+        else:
+            self._sgd(group, *batch)
         for target, created in zip(targets, batch[2]):
             target.copy_(created)

@@ -12,6 +12,7 @@ EXAMPLES = """examples:
   repopt bench --quick         # the tiny preset, seconds: checks the machinery, not the claim
   repopt bench --json          # {"optimizer_step_ratio": ..., ..., "details": {...}}
   repopt bench --repeats 25    # more rounds for the optimizer step (the default is 15)
+  repopt bench --save b.json   # the table on stdout, the JSON in b.json
 """
 
 
@@ -21,6 +22,7 @@ def add_arguments(p) -> None:
     p.add_argument("--repeats", type=int, default=None, help="rounds of the optimizer-step comparison")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--save", metavar="FILE", default=None, help="also write the JSON result to FILE")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -47,5 +49,8 @@ def run(args) -> int:
         raise UserError(f"device {args.device!r} was asked for but CUDA is not available here")
     show = not args.quiet and not args.json and sys.stderr.isatty()
     result = run_suite(cfg, device, progress=show)
+    if args.save:
+        with open(args.save, "w") as f:
+            json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0

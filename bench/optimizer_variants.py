@@ -4,6 +4,7 @@
     scratch N            RepOptSGD writing M * G block by block into an N-byte scratch (its default path)
     whole tensors        RepOptSGD with scratch_bytes=0: M * G as one full-size temporary per weight
     grad in place        p.grad *= M in place, then torch SGD (changes what the user sees in p.grad)
+    first version        repopt's first RepOptSGD: a full-size M * G per weight (table broadcast), all alive at once
     compiled             RepOptSGD(compiled=True): multiply and SGD update in one compiled kernel per weight
                          (--compile; the compile time of its first step is shown)
 
@@ -20,6 +21,7 @@ import torch
 from repopt.bench.optimizer import _same_gradients
 from repopt.bench.timing import environment, interleaved, paired_ratio, summary
 from repopt.bench.workloads import SGD_FLAGS, bench_scales, build
+from repopt.branches import diagonal_taps
 
 
 def in_place_step(opt, plain_opt):
@@ -31,6 +33,29 @@ def in_place_step(opt, plain_opt):
                 continue
             mult.multiply_rows(p.grad, 0, p.grad)
         plain_opt.step()
+    return step
+
+
+def first_version_step(opt, plain_opt):
+    """repopt's first RepOptSGD: every M * G a new full-size tensor (the (C_out, 1, kh, kw) table broadcast over the
+    input channels, then the diagonal), all of them alive at once, then one torch SGD call."""
+    from torch.optim.sgd import sgd
+
+    def step():
+        group = opt.param_groups[0]
+        params, grads, bufs = [], [], []
+        twins = [q for g in plain_opt.param_groups for q in g["params"]]  # same order: same param groups
+        for p, q, mult in zip([p for g in opt.param_groups for p in g["params"]], twins, opt.branch_sets):
+            grad = p.grad
+            if mult is not None:
+                grad = p.grad * mult.tap_table(2, grad.device, grad.dtype)
+                if mult.has_identity:
+                    diagonal_taps(grad, mult.geometry).add_(diagonal_taps(p.grad, mult.geometry))
+            params.append(p)
+            grads.append(grad)
+            bufs.append(plain_opt.state[q]["momentum_buffer"])
+        sgd(params, grads, bufs, weight_decay=group["weight_decay"], momentum=group["momentum"], lr=group["lr"],
+            dampening=group["dampening"], nesterov=group["nesterov"], maximize=False, fused=group["fused"])
     return step
 
 
@@ -64,13 +89,21 @@ def main() -> None:
         q.data = p.data  # the in-place variant updates m's weights through a plain torch SGD
     models += [m]
     variants["grad in place"] = in_place_step(o, o2)
+    m3, o3 = build("repopt", args.arch, args.num_classes, scales=scales, sgd_flags=flags)
+    m4, o4 = build("plain", args.arch, args.num_classes, sgd_flags=flags)
+    for p, q in zip(m3.parameters(), m4.parameters()):
+        q.data = p.data  # o4 only holds the momentum buffers of m3's weights
+    models += [m3]
+    variants["first version"] = first_version_step(o3, o4)
     compile_s = None
     if args.compile:
         mc, oc = build("repopt", args.arch, args.num_classes, scales=scales, sgd_flags=flags)
         models.append(mc)
     _same_gradients(models)
-    for p, q in zip(m.parameters(), m2.parameters()):
-        q.grad = p.grad
+    for a, b in ((m, m2), (m3, m4)):
+        for p, q in zip(a.parameters(), b.parameters()):
+            q.grad = p.grad
+    o4.step()  # creates the momentum buffers the first version updates
     if args.compile:
         oc.compiled = True
         oc.step()  # creates the momentum buffers (eager)

@@ -45,10 +45,11 @@ def measure(cfg: VGGConfig, image_size: int, batch_size: int, repeats: int, opt_
                              "repopt_sgd": 1e3 * opt["repopt_sgd"]["median_s"]}}
 
 
-FIGURES = (("optimizer_step_ratio", "optimizer step / torch SGD"),
-           ("train_step_ratio_vs_plain", "training step / plain"),
-           ("train_throughput_ratio_vs_repvgg", "throughput / RepVGG"),
-           ("saved_activation_ratio_vs_repvgg", "saved activations / RepVGG"))
+# (key, label in the plot, column in the table)
+FIGURES = (("optimizer_step_ratio", "optimizer step / torch SGD", "opt/SGD"),
+           ("train_step_ratio_vs_plain", "training step / plain", "step/plain"),
+           ("train_throughput_ratio_vs_repvgg", "throughput / RepVGG", "img/s vs RepVGG"),
+           ("saved_activation_ratio_vs_repvgg", "saved activations / RepVGG", "saved act./RepVGG"))
 
 
 def plot(result: dict, path: str) -> None:
@@ -62,7 +63,7 @@ def plot(result: dict, path: str) -> None:
                               (axes[1], "depth", "target convs (width multiplier 1)")):
         rows = result[sweep]
         xs = [r["x"] for r in rows]
-        for key, label in FIGURES:
+        for key, label, _ in FIGURES:
             ax.plot(xs, [r[key] for r in rows], marker="o", label=label)
         ax.axhline(1.0, color="grey", lw=0.8)
         ax.set_xscale("log", base=2)
@@ -99,11 +100,13 @@ def main() -> None:
         print(f"depth {d}: done", file=sys.stderr)
     env = result["environment"]
     print(f"{env['device']}, torch {env['torch']}, {env['threads']} threads, 32x32, batch {batch_size}")
-    print(f"{'sweep':6s} {'x':>5s} {'params':>8s} " + " ".join(f"{k[:24]:>24s}" for k, _ in FIGURES))
+    print(f"{'sweep':6s} {'x':>5s} {'params':>8s} " + " ".join(f"{c:>17s}" for *_, c in FIGURES)
+          + f" {'SGD ms':>7s} {'RepOpt ms':>9s}")
     for sweep in ("width", "depth"):
         for r in result[sweep]:
             print(f"{sweep:6s} {r['x']:5g} {r['params'] / 1e6:7.2f}M "
-                  + " ".join(f"{r[k]:24.3f}" for k, _ in FIGURES))
+                  + " ".join(f"{r[k]:17.3f}" for k, *_ in FIGURES)
+                  + f" {r['optimizer_ms']['torch_sgd']:7.1f} {r['optimizer_ms']['repopt_sgd']:9.1f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=2)

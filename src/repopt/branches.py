@@ -157,6 +157,7 @@ class BranchSet:
         if not self.conv_scales and self.identity_scale is None:
             raise BranchError("no branches given", name)
         self._tables: dict[tuple, Tensor] = {}
+        self._repeat: int | None = None
 
     # ---- description -------------------------------------------------------------------------------------------
     @property
@@ -200,8 +201,10 @@ class BranchSet:
         repeating the taps R times gives the multiply an inner loop of R*kh*kw contiguous values, which runs about
         as fast as a plain multiply (docs/benchmarks.md).
         """
-        per_group = self.geometry.in_channels // self.geometry.groups
-        return max(r for r in range(1, 17) if per_group % r == 0)
+        if self._repeat is None:
+            per_group = self.geometry.in_channels // self.geometry.groups
+            self._repeat = max(r for r in range(1, 17) if per_group % r == 0)
+        return self._repeat
 
     @property
     def row_alignment(self) -> int:

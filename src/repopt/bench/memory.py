@@ -1,7 +1,8 @@
 """Peak training memory, measured honestly on CPU: each method trains in a fresh Python process, and the figure is
-that process's peak resident set (Linux VmHWM, reset after the imports) minus its resident set before the model was
-built (the runtime is first warmed up on a tiny model, so thread pools and oneDNN's set-up are not counted). So
-it counts weights, gradients, optimizer state, activations and every temporary, and nothing of another method.
+that process's peak resident set during training (Linux VmHWM, reset once the model and optimizer are built) minus
+its resident set before the model was built (the runtime is first warmed up on a tiny model, so thread pools and
+oneDNN's set-up are not counted). So it counts weights, gradients, optimizer state, activations and every temporary
+of the training steps, and nothing of another method or of the one-time set-up.
 torch's CPU allocations are invisible to tracemalloc, hence the process-level measure.
 
 As a second, allocator-independent view, the bytes of activations that autograd saves for the backward pass are
@@ -94,7 +95,7 @@ def measure_here(method: str, arch: str, image_size: int, batch_size: int, steps
     import torch
     import torch.nn.functional as F
 
-    from .workloads import batch, build, param_bytes, train_step
+    from .workloads import batch, bench_scales, build, param_bytes, train_step
 
     if threads:
         torch.set_num_threads(threads)
@@ -103,9 +104,12 @@ def measure_here(method: str, arch: str, image_size: int, batch_size: int, steps
     train_step(warm_model, warm_opt, *batch(2, 16, 10))
     del warm_model, warm_opt
     x, y = batch(batch_size, image_size, num_classes)
-    reset = _reset_peak()
+    scales = bench_scales(arch, num_classes) if method == "repopt" else None  # built from an HS model: not counted
     base, _, how = _rss_and_peak()
-    model, opt = build(method, arch, num_classes)
+    model, opt = build(method, arch, num_classes, scales=scales)
+    # the peak is taken over training only: set-up transients (RepOpt's re-initialization works in float64) are not
+    # training memory, while the weights and everything else built stay counted through `base`
+    reset = _reset_peak()
     opt.zero_grad(set_to_none=True)
     with SavedActivations(model) as saved:
         loss = F.cross_entropy(model(x), y)
@@ -116,7 +120,7 @@ def measure_here(method: str, arch: str, image_size: int, batch_size: int, steps
     _, peak, how = _rss_and_peak()
     return {"method": method, "arch": arch, "image_size": image_size, "batch_size": batch_size, "steps": steps,
             "peak_bytes": peak - base, "param_bytes": param_bytes(model), "saved_activation_bytes": saved.bytes,
-            "how": how + (" reset after imports" if reset and how == "VmHWM" else " (process peak)")}
+            "how": how + (" reset after set-up" if reset and how == "VmHWM" else " (process peak)")}
 
 
 def measure_in_subprocess(method: str, arch: str, image_size: int, batch_size: int, steps: int = 2,

@@ -141,9 +141,9 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
         for item in blocked:
             kinds.setdefault((item[0].grad.device, item[0].grad.dtype), []).append(item)
         for (device, dtype), items in kinds.items():
-            itemsize = torch.empty((), dtype=dtype).element_size()
             smallest = max(p[0].numel() * mult.row_alignment for p, mult, _ in items)
-            capacity = max(self.scratch_bytes // itemsize, smallest)
+            total = sum(p.numel() for p, _, _ in items)
+            capacity = max(min(self.scratch_bytes // dtype.itemsize, total), smallest)
             scratch = torch.empty(capacity, dtype=dtype, device=device)
             used, batch, targets = 0, ([], [], []), []
             for p, mult, buf in items:

@@ -18,7 +18,7 @@ def test_repopt_equals_csla_training(optimizer, branch_set):
 def test_proof_detects_a_wrong_multiplier(monkeypatch):
     """The harness can fail: plain SGD (no multiplier) on the target drifts away from the CSLA block."""
     # every path of RepOptSGD (blocks and whole tensors) multiplies through multiply_rows: make it M = 1
-    monkeypatch.setattr(BranchSet, "multiply_rows", lambda self, rows, start, out, power=2: out.copy_(rows))
+    monkeypatch.setattr(BranchSet, "multiply_rows", lambda self, rows, start, out, *args, **kwargs: out.copy_(rows))
     result = run_proof("sgd nesterov wd", "3x3+1x1+identity", steps=20)
     assert result.max_rel_err > 1e-4
 

@@ -1,8 +1,9 @@
 """Peak training memory, measured honestly on CPU: each method trains in a fresh Python process, and the figure is
 that process's peak resident set during training (Linux VmHWM, reset once the model and optimizer are built) minus
 its resident set before the model was built (the runtime is first warmed up on a tiny model, so thread pools and
-oneDNN's set-up are not counted). So it counts weights, gradients, optimizer state, activations and every temporary
-of the training steps, and nothing of another method or of the one-time set-up.
+oneDNN's set-up are not counted, and freed heap is handed back with malloc_trim before each reading). So it counts
+weights, gradients, optimizer state, activations and every temporary of the training steps, and nothing of another
+method or of the one-time set-up.
 torch's CPU allocations are invisible to tracemalloc, hence the process-level measure.
 
 As a second, allocator-independent view, the bytes of activations that autograd saves for the backward pass are
@@ -10,6 +11,8 @@ counted with torch.autograd.graph.saved_tensors_hooks (parameters excluded, each
 """
 from __future__ import annotations
 
+import ctypes
+import gc
 import json
 import os
 import subprocess
@@ -35,6 +38,16 @@ def _reset_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+def _release_free_memory() -> None:
+    """Hand freed heap pages back to the OS (glibc malloc_trim), so the resident set counts live memory only and
+    set-up garbage (RepOpt's float64 re-initialization, model construction) is not billed to training."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
 def _rss_and_peak() -> tuple[int, int, str]:
@@ -105,10 +118,12 @@ def measure_here(method: str, arch: str, image_size: int, batch_size: int, steps
     del warm_model, warm_opt
     x, y = batch(batch_size, image_size, num_classes)
     scales = bench_scales(arch, num_classes) if method == "repopt" else None  # built from an HS model: not counted
+    _release_free_memory()
     base, _, how = _rss_and_peak()
     model, opt = build(method, arch, num_classes, scales=scales)
     # the peak is taken over training only: set-up transients (RepOpt's re-initialization works in float64) are not
     # training memory, while the weights and everything else built stay counted through `base`
+    _release_free_memory()
     reset = _reset_peak()
     opt.zero_grad(set_to_none=True)
     with SavedActivations(model) as saved:

@@ -18,7 +18,7 @@ import torch
 
 from repopt.bench.memory import saved_activation_bytes
 from repopt.bench.optimizer import optimizer_step
-from repopt.bench.timing import environment
+from repopt.bench.timing import environment, load_average
 from repopt.bench.training import training_steps
 from repopt.bench.workloads import batch, build
 from repopt.models import VGGConfig
@@ -84,6 +84,7 @@ def main() -> None:
     ap.add_argument("--out", default="docs/benchmarks_scaling.png")
     ap.add_argument("--json", default=None, help="also write the figures to this JSON file")
     ap.add_argument("--repeats", type=int, default=5, help="training rounds per model")
+    ap.add_argument("--opt-repeats", type=int, default=21, help="optimizer-step rounds per model")
     ap.add_argument("--quick", action="store_true", help="two small points per sweep, batch 8 (a smoke run)")
     args = ap.parse_args()
     widths, depths, batch_size = WIDTHS, DEPTHS, 64
@@ -92,14 +93,16 @@ def main() -> None:
     result = {"environment": environment(torch.device("cpu")), "image_size": 32, "batch_size": batch_size,
               "width": [], "depth": []}
     for w in widths:
-        result["width"].append({"x": w, **measure(config(w, DEPTHS[2]), 32, batch_size, args.repeats, 11)})
+        row = measure(config(w, DEPTHS[2]), 32, batch_size, args.repeats, args.opt_repeats)
+        result["width"].append({"x": w, **row})
         print(f"width {w}: done", file=sys.stderr)
     for d in depths:
-        row = measure(config(1.0, d), 32, batch_size, args.repeats, 11)
+        row = measure(config(1.0, d), 32, batch_size, args.repeats, args.opt_repeats)
         result["depth"].append({"x": sum(d) + 1, "blocks": list(d), **row})
         print(f"depth {d}: done", file=sys.stderr)
     env = result["environment"]
-    print(f"{env['device']}, torch {env['torch']}, {env['threads']} threads, 32x32, batch {batch_size}")
+    print(f"{env['device']}, torch {env['torch']}, {env['threads']} threads, 32x32, batch {batch_size}, load average "
+          f"{env['load_average_1min']:.2f} at start, {load_average():.2f} at end")
     print(f"{'sweep':6s} {'x':>5s} {'params':>8s} " + " ".join(f"{c:>17s}" for *_, c in FIGURES)
           + f" {'SGD ms':>7s} {'RepOpt ms':>9s}")
     for sweep in ("width", "depth"):

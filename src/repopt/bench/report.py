@@ -12,8 +12,10 @@ def _fmt(v) -> str:
 
 def format_report(r: dict) -> str:
     env, d = r["environment"], r["details"]
+    loads = [env.get("load_average_1min"), env.get("load_average_1min_end")]
+    loads = ["n/a" if v is None else f"{v:.2f}" for v in loads]
     lines = [f"repopt bench: {env['device']}, torch {env['torch']}, {env['threads']} threads, "
-             f"load average {env['load_average_1min']} at start, {env.get('load_average_1min_end')} at end", ""]
+             f"load average {loads[0]} at start, {loads[1]} at end", ""]
     o = d["optimizer"]
     notes = {
         "optimizer_step_ratio": f"{o['arch']} ({o['params'] / 1e6:.1f}M params): RepOptSGD "

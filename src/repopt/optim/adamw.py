@@ -44,10 +44,7 @@ class RepOptAdamW(RepOptMixin, torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate_closure(closure)
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         for gi, group in enumerate(self.param_groups):
             plain = ([], [], [], [], [], [])

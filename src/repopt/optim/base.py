@@ -53,6 +53,14 @@ class RepOptMixin:
             raise ValueError(f"grad_mults names parameters that are not in the optimizer's params: {names}")
         del self._pending_mults
 
+    @staticmethod
+    def _evaluate_closure(closure):
+        """torch's closure convention for step(): re-evaluate the loss with grad enabled, return it (or None)."""
+        if closure is None:
+            return None
+        with torch.enable_grad():
+            return closure()
+
     def multiplier_of(self, group_index: int, param_index: int):
         return self._multipliers[group_index][param_index]
 

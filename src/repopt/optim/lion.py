@@ -32,10 +32,7 @@ class RepOptLion(RepOptMixin, torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate_closure(closure)
         for gi, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
             lr, wd = group["lr"], group["weight_decay"]

@@ -67,10 +67,7 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = self._evaluate_closure(closure)
         for gi, group in enumerate(self.param_groups):
             momentum = group["momentum"] != 0
             params, grads, buffers, blocked, compiled = [], [], [], [], []

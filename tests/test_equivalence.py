@@ -15,11 +15,15 @@ def test_repopt_equals_csla_training(optimizer, branch_set):
     assert result.max_rel_err <= TOLERANCE, result
 
 
-def test_proof_detects_a_wrong_multiplier(monkeypatch):
-    """The harness can fail: plain SGD (no multiplier) on the target drifts away from the CSLA block."""
-    # every path of RepOptSGD (blocks and whole tensors) multiplies through multiply_rows: make it M = 1
-    monkeypatch.setattr(BranchSet, "multiply_rows", lambda self, rows, start, out, *args, **kwargs: out.copy_(rows))
-    result = run_proof("sgd nesterov wd", "3x3+1x1+identity", steps=20)
+@pytest.mark.parametrize("optimizer", ["sgd nesterov wd", "sgd fused one-row blocks", "sgd whole tensors"])
+def test_proof_detects_a_wrong_multiplier(monkeypatch, optimizer):
+    """The harness can fail: a multiplier of 1 on every tap (as if the conv had one branch of scale 1) drifts away
+    from the CSLA block, on the default (native) path and on the eager paths."""
+    def ones(self, power, device=None, dtype=torch.float64):  # every path reads the tap table
+        return torch.ones(self.geometry.out_channels, 1, *self.geometry.kernel_size, device=device, dtype=dtype)
+
+    monkeypatch.setattr(BranchSet, "tap_table", ones)
+    result = run_proof(optimizer, "3x3+1x1+identity", steps=20)
     assert result.max_rel_err > 1e-4
 
 

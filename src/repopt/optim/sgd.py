@@ -1,17 +1,19 @@
 """RepOptSGD: torch SGD with the raw gradient of each target conv replaced by M * G (MATH (3)).
 
-Weight decay, momentum, dampening, nesterov and maximize then act exactly as in torch.optim.SGD, in torch's own
-order, through torch's functional `sgd` (so the single-tensor, foreach and fused paths and the fused AMP path are
-torch's). `p.grad` is never modified: the multiplied gradient is a temporary.
+Weight decay, momentum, dampening, nesterov and maximize then act exactly as in torch.optim.SGD, in torch's order.
+`p.grad` is never modified. Parameters without a multiplier go through torch's functional `sgd` (torch's
+single-tensor, foreach and fused paths and the fused AMP path). Target weights take the first path that applies:
 
-How the temporary is kept small and in cache (the default path): a target weight is cut into blocks of output
-channels; M * G of a block is written into a scratch buffer of `scratch_bytes` (allocated per step), and once the
-scratch is full, torch's `sgd` updates the matching blocks of the parameters and momentum buffers (views) while the
-multiplied gradient is still in cache. The step so reads G, p and the buffer from memory about once, like torch SGD,
-instead of writing and re-reading a full-size M * G, and never holds more than the scratch in temporaries. On a
-weight's first step torch creates the momentum buffers of the blocks; they are copied into one full-size buffer.
-`differentiable=True` and weights whose memory layout cannot be cut in row blocks take the whole-tensor path.
-`compiled=True` opts into one compiled kernel per weight instead (compiled.py).
+1. `compiled=True` (opt-in): one torch.compile'd kernel per weight (compiled.py), for devices without path 2.
+2. The native CPU kernel (the default for float32/float64 CPU weights where a C compiler exists, native.py): the
+   multiply inside the update, one pass over p, G and the buffer, like torch's fused SGD; all weights in one call.
+3. Eager blocks: a target weight is cut into blocks of output channels; M * G of a block is written into a scratch
+   buffer of `scratch_bytes` (allocated per step), and once the scratch is full, torch's `sgd` updates the matching
+   blocks of the parameters and momentum buffers (views) while the multiplied gradient is still in cache. Nothing
+   full-size is written; on a weight's first step torch creates the momentum buffers of the blocks, and they are
+   copied into one full-size buffer.
+4. Whole tensors (M * G as a temporary), for `differentiable=True` and layouts that cannot be cut in row blocks.
+Every path is proven against the explicit multi-branch block (repopt/proofs.py).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from torch import Tensor
 from torch.optim.sgd import sgd
 
 from ..branches import BranchSet
+from . import native as native_kernel
 from .base import RepOptMixin
 from .compiled import step_compiled
 
@@ -44,14 +47,21 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
                  weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
                  grad_mults: Mapping[Tensor, Any] | None = None, scratch_bytes: int = DEFAULT_SCRATCH_BYTES,
-                 compiled: bool = False):
-        """scratch_bytes: size of the per-step buffer that receives M * G block by block (0: whole tensors).
-        compiled: update each target weight with one torch.compile'd kernel (multiply and SGD in one pass; see
-            repopt/optim/compiled.py): fastest per step, but the first steps compile (seconds per weight shape).
+                 compiled: bool = False, native: bool | None = None):
+        """native: update float32/float64 CPU target weights with the C kernel (multiply and SGD in one pass; see
+            repopt/optim/native.py). None (default): when it builds on this machine; True: refuse to run without it;
+            False: never.
+        scratch_bytes: size of the per-step buffer that receives M * G block by block on the eager path (0: whole
+            tensors).
+        compiled: update each target weight with one torch.compile'd kernel instead (multiply and SGD in one pass;
+            see repopt/optim/compiled.py): for devices without the native kernel; the first steps compile.
         """
         if scratch_bytes < 0:
             raise ValueError(f"scratch_bytes must be >= 0, got {scratch_bytes}")
-        self.scratch_bytes, self.compiled = int(scratch_bytes), bool(compiled)
+        if native is True and not native_kernel.available():
+            raise RuntimeError(f"RepOptSGD(native=True): the native kernel is unavailable "
+                               f"({native_kernel.build_error() or 'turned off by REPOPT_NATIVE'})")
+        self.scratch_bytes, self.compiled, self.native = int(scratch_bytes), bool(compiled), native
         self._init_multipliers(grad_mults)
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                          nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
@@ -70,8 +80,9 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
         loss = self._evaluate_closure(closure)
         for gi, group in enumerate(self.param_groups):
             momentum = group["momentum"] != 0
-            params, grads, buffers, blocked, compiled = [], [], [], [], []
+            params, grads, buffers, blocked, compiled, native = [], [], [], [], [], []
             has_sparse = False
+            use_native = self._native_allowed(group)
             for p, mult in zip(group["params"], self._multipliers[gi]):
                 if p.grad is None:
                     continue
@@ -83,6 +94,9 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
                                            f"parameter with a multiplier")
                     if self._compilable(group, p, mult, buf):
                         compiled.append((p, mult, buf))
+                        continue
+                    if use_native and native_kernel.supports(p, grad, buf, mult):
+                        native.append((p, mult, buf))
                         continue
                     if self.scratch_bytes and not group["differentiable"] and _cuttable(p, grad, buf):
                         blocked.append((p, mult, buf))
@@ -98,6 +112,8 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
                 if momentum:
                     for p, buf in zip(params, buffers):
                         self.state[p]["momentum_buffer"] = buf
+            if native:
+                self._step_native(group, native)
             lr = group["lr"]
             if compiled and not isinstance(lr, Tensor):
                 lr = torch.tensor(lr, dtype=compiled[0][0].dtype, device=compiled[0][0].device)
@@ -120,6 +136,27 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
                     self.state[p]["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
                 self._step_in_blocks(group, [(p, m, None) for p, m, _ in first], first_step=True)
         return loss
+
+    def _native_allowed(self, group) -> bool:
+        """The native kernel: not asked off, built here, no AMP unscaling pending, not traced by torch.compile."""
+        return (self.native is not False and not group["differentiable"]
+                and getattr(self, "grad_scale", None) is None and getattr(self, "found_inf", None) is None
+                and not torch.compiler.is_compiling() and native_kernel.available())
+
+    def _step_native(self, group, items: list) -> None:
+        """The default path on CPU: one native call updates every float32/float64 target weight of the group."""
+        momentum = group["momentum"] != 0
+        by_dtype: dict[torch.dtype, tuple[list, list]] = {}
+        for p, mult, buf in items:
+            first = momentum and buf is None
+            if first:  # zeros, not empty: the kernel overwrites it, but never reads uninitialised memory
+                buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            table = mult.tap_table(2, p.device, p.dtype)
+            jobs, tables = by_dtype.setdefault(p.dtype, ([], []))
+            jobs.append(native_kernel.make_job(p, mult, buf, table, first))
+            tables.append((table, p.numel()))
+        for dtype, (jobs, tables) in by_dtype.items():
+            native_kernel.sgd_step(jobs, group, dtype, sum(n for _, n in tables))
 
     def _compilable(self, group, p: Tensor, mult, buf: Tensor | None) -> bool:
         """The compiled path takes contiguous weights with branch scales once their momentum buffer exists."""

@@ -1,0 +1,158 @@
+"""RepOptSGD's native CPU kernel (kernels/repopt_sgd.c): build it once per machine, load it, call it.
+
+Why native: torch's fused CPU SGD reads p, G and the momentum buffer once and writes p and the buffer once. Any eager
+way of forming M * G first adds a pass over G and a dozen small ops per weight (~2x a fused step, docs/benchmarks.md).
+The C kernel does the multiply inside the update, so a RepOptSGD step costs about what torch's fused SGD step costs.
+
+The kernel is plain C (no torch headers): the machine's C compiler builds it in about a second, into a cache directory
+($REPOPT_CACHE_DIR, else $XDG_CACHE_HOME/repopt, else ~/.cache/repopt), under a name that hashes the source, the
+compiler and the flags; the file is written under a temporary name and renamed, so concurrent processes (DDP ranks)
+never load half a file. Without a working compiler `available()` is False and RepOptSGD keeps its eager path, which
+is exact as well. REPOPT_NATIVE=0 turns the kernel off.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sysconfig
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+SOURCE = Path(__file__).with_name("kernels") / "repopt_sgd.c"
+FLAGS = ["-O3", "-fPIC", "-shared", "-pthread", "-fno-fast-math"]
+# Below this many elements per step, one thread is faster than starting threads (measured on the benchmark CPU).
+ELEMENTS_PER_THREAD = 1 << 17
+
+
+class Job(ctypes.Structure):
+    _fields_ = [("p", ctypes.c_void_p), ("g", ctypes.c_void_p), ("buf", ctypes.c_void_p),
+                ("table", ctypes.c_void_p), ("rows", ctypes.c_int64), ("row_len", ctypes.c_int64),
+                ("taps", ctypes.c_int64), ("diag_group", ctypes.c_int64), ("diag_centre", ctypes.c_int64),
+                ("identity", ctypes.c_double), ("first", ctypes.c_int64), ("channels_last", ctypes.c_int64)]
+
+
+class Hyper(ctypes.Structure):
+    _fields_ = [("lr", ctypes.c_double), ("weight_decay", ctypes.c_double), ("momentum", ctypes.c_double),
+                ("dampening", ctypes.c_double), ("nesterov", ctypes.c_int64), ("maximize", ctypes.c_int64)]
+
+
+_library = None      # the loaded kernel, once built
+_build_error = None  # why it could not be built (a sentence), once tried
+
+
+def cache_dir() -> Path:
+    if os.environ.get("REPOPT_CACHE_DIR"):
+        return Path(os.environ["REPOPT_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "repopt"
+
+
+def _compiler() -> str | None:
+    for name in (os.environ.get("CC"), sysconfig.get_config_var("CC"), "cc", "gcc", "clang"):
+        exe = name.split()[0] if name else None
+        if exe and shutil.which(exe):
+            return exe
+    return None
+
+
+def _build() -> Path:
+    cc = _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + " ".join(FLAGS).encode()).hexdigest()[:16]
+    target = cache_dir() / f"repopt_sgd-{key}.so"
+    if target.exists():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".repopt_sgd-", suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([cc, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            first = (done.stderr.strip().splitlines() or ["no message"])[0]
+            raise RuntimeError(f"{cc} could not compile {SOURCE.name}: {first}")
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def load():
+    """The loaded kernel, building it on first use; None (and `build_error()` says why) when that is impossible."""
+    global _library, _build_error
+    if _library is None and _build_error is None:
+        try:
+            lib = ctypes.CDLL(str(_build()))
+            lib.repopt_sgd_step.argtypes = [ctypes.POINTER(Job), ctypes.c_int64, ctypes.POINTER(Hyper),
+                                            ctypes.c_int, ctypes.c_int]
+            lib.repopt_sgd_step.restype = ctypes.c_int
+            _library = lib
+        except Exception as e:  # no compiler, read-only home, a sandbox without exec...: the eager path is exact too
+            _build_error = f"{type(e).__name__}: {e}"
+    return _library
+
+
+def enabled() -> bool:
+    return os.environ.get("REPOPT_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def available() -> bool:
+    """Is the native kernel usable in this process (enabled, and built and loaded)?"""
+    return enabled() and load() is not None
+
+
+def build_error() -> str | None:
+    return _build_error
+
+
+MAX_TAPS = 1024  # MAX_PERIOD in the C source: kernels of up to 1024 taps (32x32)
+
+
+def _layout(t: Tensor) -> str | None:
+    if t.is_contiguous():
+        return "contiguous"
+    return "channels_last" if t.is_contiguous(memory_format=torch.channels_last) else None
+
+
+def supports(p: Tensor, grad: Tensor, buf: Tensor | None, mult) -> bool:
+    """Dense float32/float64 CPU weights with branch scales, in the contiguous or channels_last layout, with grad and
+    buffer of the same dtype and strides."""
+    from ..branches import BranchSet
+
+    return (isinstance(mult, BranchSet) and p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64)
+            and p.ndim == 4 and p.shape[2] * p.shape[3] <= MAX_TAPS and p.numel() > 0 and grad.dtype == p.dtype
+            and not grad.is_sparse and _layout(p) is not None and grad.stride() == p.stride()
+            and (buf is None or (buf.stride() == p.stride() and buf.dtype == p.dtype)))
+
+
+def make_job(p: Tensor, mult, buf: Tensor | None, table: Tensor, first: bool) -> Job:
+    """The kernel's description of one target weight (one that `supports` accepts). `table`: mult.tap_table(2, "cpu",
+    p.dtype), contiguous, kept alive by the caller until the step returns."""
+    g = mult.geometry
+    kh, kw = g.kernel_size
+    diag_group = diag_centre = 0
+    if mult.has_identity:
+        cy, cx = g.centre
+        diag_group, diag_centre = g.out_channels // g.groups, cy * kw + cx  # out = in channels per group here
+    return Job(p.data_ptr(), p.grad.data_ptr(), 0 if buf is None else buf.data_ptr(), table.data_ptr(),
+               p.shape[0], p[0].numel(), kh * kw, diag_group, diag_centre, 1.0, int(first),
+               int(_layout(p) == "channels_last"))
+
+
+def sgd_step(jobs: list[Job], group: dict, dtype: torch.dtype, numel: int) -> None:
+    """One SGD step of every job (all of `dtype`) with the hyper-parameters of `group`."""
+    lr = group["lr"]
+    hyper = Hyper(float(lr.item() if isinstance(lr, Tensor) else lr), float(group["weight_decay"]),
+                  float(group["momentum"]), float(group["dampening"]), int(bool(group["nesterov"])),
+                  int(bool(group["maximize"])))
+    threads = max(1, min(torch.get_num_threads(), numel // ELEMENTS_PER_THREAD))
+    array = (Job * len(jobs))(*jobs)
+    if load().repopt_sgd_step(array, len(jobs), ctypes.byref(hyper), int(dtype == torch.float64), threads) < 0:
+        raise RuntimeError("the native RepOptSGD kernel refused a weight layout that supports() accepted (a bug)")

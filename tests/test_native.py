@@ -1,0 +1,165 @@
+"""RepOptSGD's native CPU kernel (repopt/optim/native.py): builds here when a C compiler exists, matches the eager path
+(M * G, then torch's SGD) on every flag, layout, dtype and branch shape, and falls back cleanly when it cannot build.
+The float64 proofs of tests/test_equivalence.py run through it too (the default path)."""
+import shutil
+
+import pytest
+import torch
+from torch import nn
+
+from repopt import BranchSet, RepOptSGD
+from repopt.branches import ConvGeometry
+from repopt.optim import native
+
+needs_compiler = pytest.mark.skipif(native._compiler() is None, reason="no C compiler on this machine")
+
+
+@needs_compiler
+def test_the_kernel_builds_and_loads_where_a_compiler_exists():
+    assert native.available(), native.build_error()
+
+
+def _branch_set(out_c, in_c, k, groups, branches, seed):
+    g = torch.Generator().manual_seed(seed)
+    geometry = ConvGeometry(out_c, in_c, (k, k), groups=groups)
+    scales = {b: torch.randn(out_c, generator=g) for b in branches}
+    return BranchSet(geometry, scales, name=f"{out_c}x{in_c}x{k}x{k}/g{groups}")
+
+
+# (out, in, kernel, groups, branches): the identity on plain, grouped and depthwise convs; rows longer than the
+# kernel's on-stack period (64 * 25 taps); 1x1 and 7x7 kernels; a kernel without a centre-sized branch
+SHAPES = [
+    (8, 8, 3, 1, ("3x3", "1x1", "identity")),
+    (12, 12, 3, 3, ("3x3", "1x1", "identity")),
+    (6, 6, 3, 6, ("3x3", "identity")),
+    (16, 64, 5, 1, ("5x5", "3x3", "1x1")),
+    (70, 70, 5, 1, ("5x5", "1x1", "identity")),
+    (9, 7, 1, 1, ("1x1", "1x1_2")),
+    (5, 3, 7, 1, ("7x7", "1x3", "3x1")),
+]
+FLAGS = [
+    dict(momentum=0.9, nesterov=True, weight_decay=1e-3),
+    dict(momentum=0.8, dampening=0.3, weight_decay=1e-2),
+    dict(momentum=0.9, weight_decay=1e-3, maximize=True),
+    dict(momentum=0.0, weight_decay=1e-3),
+    dict(momentum=0.0, maximize=True),
+]
+
+
+def _run(mult, flags, dtype, channels_last, native_path, steps=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    shape = mult.geometry.weight_shape
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    w = nn.Parameter(torch.randn(shape, generator=g, dtype=dtype).contiguous(memory_format=fmt))
+    opt = RepOptSGD([w], lr=0.1, grad_mults={w: mult}, native=native_path, **flags)
+    for _ in range(steps):
+        w.grad = torch.randn(shape, generator=g, dtype=dtype).contiguous(memory_format=fmt)
+        opt.step()
+    return w.detach()
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}g{s[3]}{'+id' * ('identity' in s[4])}")
+def test_native_step_matches_the_eager_path(shape, channels_last, dtype):
+    mult = _branch_set(*shape, seed=1)
+    tol = dict(rtol=1e-12, atol=1e-13) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    for flags in FLAGS:
+        eager = _run(mult, flags, dtype, channels_last, native_path=False)
+        fast = _run(mult, flags, dtype, channels_last, native_path=True)
+        assert fast.stride() == eager.stride()
+        assert torch.allclose(fast, eager, **tol), (flags, (fast - eager).abs().max().item())
+
+
+@needs_compiler
+def test_native_path_is_taken_and_fails_the_check_when_the_multiplier_is_wrong(monkeypatch):
+    """The comparison above can fail: an identity term dropped from the kernel's jobs breaks it."""
+    mult = _branch_set(8, 8, 3, 1, ("3x3", "1x1", "identity"), seed=2)
+    eager = _run(mult, FLAGS[0], torch.float64, False, native_path=False)
+    calls = []
+    make_job = native.make_job
+
+    def without_identity(*args, **kwargs):
+        job = make_job(*args, **kwargs)
+        job.identity = 0.0
+        calls.append(job)
+        return job
+
+    monkeypatch.setattr(native, "make_job", without_identity)
+    broken = _run(mult, FLAGS[0], torch.float64, False, native_path=True)
+    assert calls and not torch.allclose(broken, eager, rtol=1e-6)
+
+
+@needs_compiler
+def test_several_weights_and_threads_in_one_call(monkeypatch):
+    """Many weights of different shapes split over threads (the per-thread minimum lowered so small weights split)."""
+    monkeypatch.setattr(native, "ELEMENTS_PER_THREAD", 1)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
+    mults = [_branch_set(*s, seed=i) for i, s in enumerate(SHAPES)]
+
+    def run(native_path):
+        g = torch.Generator().manual_seed(5)
+        ws = [nn.Parameter(torch.randn(m.geometry.weight_shape, generator=g, dtype=torch.float64)) for m in mults]
+        opt = RepOptSGD(ws, lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-4, native=native_path,
+                        grad_mults=dict(zip(ws, mults)))
+        for _ in range(3):
+            for w in ws:
+                w.grad = torch.randn(w.shape, generator=g, dtype=torch.float64)
+            opt.step()
+        return ws
+
+    for a, b in zip(run(False), run(True)):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-13)
+
+
+def test_without_a_compiler_the_eager_path_runs_and_native_true_says_why(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_build_error", None)
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    monkeypatch.setenv("REPOPT_CACHE_DIR", str(tmp_path))
+    assert not native.available()
+    assert "no C compiler" in native.build_error()
+    mult = _branch_set(8, 8, 3, 1, ("3x3", "1x1", "identity"), seed=3)
+    w = _run(mult, FLAGS[0], torch.float64, False, native_path=None)  # the default: silently eager
+    assert torch.equal(w, _run(mult, FLAGS[0], torch.float64, False, native_path=False))
+    with pytest.raises(RuntimeError, match="native kernel is unavailable .*no C compiler"):
+        RepOptSGD([nn.Parameter(torch.zeros(2, 2, 3, 3))], lr=0.1, native=True)
+
+
+@needs_compiler
+def test_a_compile_error_is_reported_and_leaves_no_file(monkeypatch, tmp_path):
+    bad = tmp_path / "broken.c"
+    bad.write_text("this is not C\n")
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_build_error", None)
+    monkeypatch.setattr(native, "SOURCE", bad)
+    monkeypatch.setenv("REPOPT_CACHE_DIR", str(tmp_path / "cache"))
+    assert native.load() is None
+    assert "could not compile broken.c" in native.build_error()
+    assert list((tmp_path / "cache").iterdir()) == []
+
+
+def test_repopt_native_0_turns_the_kernel_off(monkeypatch):
+    monkeypatch.setenv("REPOPT_NATIVE", "0")
+    assert not native.available()
+    calls = []
+    monkeypatch.setattr(native, "sgd_step", lambda *a, **k: calls.append(a))
+    mult = _branch_set(8, 8, 3, 1, ("3x3", "identity"), seed=4)
+    _run(mult, FLAGS[0], torch.float32, False, native_path=None)
+    assert not calls
+
+
+@needs_compiler
+def test_the_built_library_is_cached_per_source(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_build_error", None)
+    monkeypatch.setenv("REPOPT_CACHE_DIR", str(tmp_path))
+    first = native._build()
+    stamp = first.stat().st_mtime_ns
+    assert native._build() == first and first.stat().st_mtime_ns == stamp  # no rebuild
+    copy = tmp_path / "edited.c"
+    shutil.copy(native.SOURCE, copy)
+    copy.write_text(copy.read_text() + "\n/* edited */\n")
+    monkeypatch.setattr(native, "SOURCE", copy)
+    assert native._build() != first  # another source, another file

@@ -1,8 +1,9 @@
 """Which way of applying the SGD multiplier is fastest here? Times, interleaved on the same gradients:
 
     torch SGD            torch.optim.SGD, the baseline (same flags)
-    scratch N            RepOptSGD writing M * G block by block into an N-byte scratch (its default path)
-    whole tensors        RepOptSGD with scratch_bytes=0: M * G as one full-size temporary per weight
+    native               RepOptSGD's default CPU path: the C kernel, multiply inside the update (when it builds)
+    scratch N            RepOptSGD(native=False) writing M * G block by block into an N-byte scratch (the eager path)
+    whole tensors        RepOptSGD(native=False, scratch_bytes=0): M * G as one full-size temporary per weight
     grad in place        p.grad *= M in place, then torch SGD (changes what the user sees in p.grad)
     first version        repopt's first RepOptSGD: a full-size M * G per weight (table broadcast), all alive at once
     compiled             RepOptSGD(compiled=True): multiply and SGD update in one compiled kernel per weight
@@ -22,6 +23,7 @@ from repopt.bench.optimizer import _same_gradients
 from repopt.bench.timing import environment, interleaved, paired_ratio, summary
 from repopt.bench.workloads import SGD_FLAGS, bench_scales, build
 from repopt.branches import diagonal_taps
+from repopt.optim import native
 
 
 def in_place_step(opt, plain_opt):
@@ -77,10 +79,14 @@ def main() -> None:
     scales = bench_scales(args.arch, args.num_classes)
     plain, opt_plain = build("plain", args.arch, args.num_classes, sgd_flags=flags)
     models, variants = [plain], {"torch SGD": opt_plain.step}
+    if native.available():
+        m, o = build("repopt", args.arch, args.num_classes, scales=scales, sgd_flags=flags)
+        models.append(m)
+        variants["native"] = o.step
     sizes = [int(s) for s in args.scratch.split(",") if s]
     for size in sizes + [0]:
         m, o = build("repopt", args.arch, args.num_classes, scales=scales, sgd_flags=flags)
-        o.scratch_bytes = size
+        o.scratch_bytes, o.native = size, False
         models.append(m)
         variants[f"scratch {size >> 10} KiB" if size else "whole tensors"] = o.step
     m, o = build("repopt", args.arch, args.num_classes, scales=scales, sgd_flags=flags)
@@ -98,6 +104,7 @@ def main() -> None:
     compile_s = None
     if args.compile:
         mc, oc = build("repopt", args.arch, args.num_classes, scales=scales, sgd_flags=flags)
+        oc.native = False
         models.append(mc)
     _same_gradients(models)
     for a, b in ((m, m2), (m3, m4)):

@@ -29,6 +29,14 @@ def _same_gradients(models, seed: int = 0) -> None:
             p.grad = grad.clone()
 
 
+def _eager_variant(arch, num_classes, scales, device, flags, models, model_options):
+    """RepOptSGD(native=False): the eager block path, which the native kernel replaces on CPU."""
+    model, opt = build("repopt", arch, num_classes, scales=scales, device=device, sgd_flags=flags, **model_options)
+    opt.native = False
+    models.append(model)
+    return opt
+
+
 def _compiled_variant(arch, num_classes, scales, device, flags, models, model_options) -> tuple:
     """RepOptSGD(compiled=True), stepped twice (eager first step, then the compile): (optimizer, compile seconds)."""
     model, opt = build("repopt", arch, num_classes, scales=scales, device=device, sgd_flags=flags, **model_options)
@@ -47,12 +55,18 @@ def optimizer_step(arch: str, num_classes: int, repeats: int, device="cpu", warm
     """Time `step()` of torch SGD and RepOptSGD (same flags, same gradients), interleaved; report both and ratios.
 
     compiled: also time RepOptSGD(compiled=True) in the same rounds, and report its compile time.
+    When the default path is the native kernel, the eager block path (native=False) is timed in the same rounds too.
     """
+    from ..optim import native
     flags = dict(SGD_FLAGS if sgd_flags is None else sgd_flags)
     plain, opt_plain = build("plain", arch, num_classes, device=device, sgd_flags=flags, **model_options)
     rep, opt_rep = build("repopt", arch, num_classes, scales=scales, device=device, sgd_flags=flags,
                          **model_options)
     models, variants = [plain, rep], {"torch_sgd": opt_plain.step, "repopt_sgd": opt_rep.step}
+    path = "native" if torch.device(device).type == "cpu" and native.available() else "eager"
+    if path == "native":
+        variants["repopt_sgd_eager"] = _eager_variant(arch, num_classes, scales, device, flags, models,
+                                                      model_options).step
     compiled_info = None
     if compiled:
         opt_c, compile_s = _compiled_variant(arch, num_classes, scales, device, flags, models, model_options)
@@ -68,10 +82,13 @@ def optimizer_step(arch: str, num_classes: int, repeats: int, device="cpu", warm
         "arch": arch_name(arch), "params": sum(p.numel() for p in rep.parameters()),
         "params_with_multiplier": targets, "flags": {k: v for k, v in flags.items() if k != "lr"},
         "torch_sgd": summary(times["torch_sgd"]), "repopt_sgd": summary(times["repopt_sgd"]),
-        "ratio": paired_ratio(times["repopt_sgd"], times["torch_sgd"]),
+        "ratio": paired_ratio(times["repopt_sgd"], times["torch_sgd"]), "path": path,
         "param_bytes": n_bytes, "extra_state_bytes": extra, "extra_state_fraction": extra / n_bytes,
         "scratch_bytes_per_step": getattr(opt_rep, "scratch_bytes", 0),
     }
+    if "repopt_sgd_eager" in times:
+        out["repopt_sgd_eager"] = {**summary(times["repopt_sgd_eager"]),
+                                   "ratio": paired_ratio(times["repopt_sgd_eager"], times["torch_sgd"])}
     if compiled_info is not None:
         out["repopt_sgd_compiled"] = {**summary(times["repopt_sgd_compiled"]), **compiled_info,
                                       "ratio": paired_ratio(times["repopt_sgd_compiled"], times["torch_sgd"])}

@@ -18,7 +18,7 @@ def format_report(r: dict) -> str:
              f"load average {loads[0]} at start, {loads[1]} at end", ""]
     o = d["optimizer"]
     notes = {
-        "optimizer_step_ratio": f"{o['arch']} ({o['params'] / 1e6:.1f}M params): RepOptSGD "
+        "optimizer_step_ratio": f"{o['arch']} ({o['params'] / 1e6:.1f}M params): RepOptSGD ({o['path']} path) "
                                 f"{1e3 * o['repopt_sgd']['median_s']:.1f} ms vs torch SGD "
                                 f"{1e3 * o['torch_sgd']['median_s']:.1f} ms per step",
         "optimizer_extra_state_fraction": f"{o['extra_state_bytes'] / 1024:.1f} KiB kept over "
@@ -32,6 +32,10 @@ def format_report(r: dict) -> str:
     for k in KEYS:
         met = {True: "yes", False: "NO", None: "-"}[r["met"][k]]
         lines.append(f"{k:34s} {_fmt(r[k]):>7s}  {r['targets'][k]:8s} {met:4s} {notes[k]}")
+        e = o.get("repopt_sgd_eager") if k == "optimizer_step_ratio" else None
+        if e is not None:
+            lines.append(f"{'  ... with native=False (eager)':34s} {e['ratio']:7.3f}  {'':8s} {'':4s} "
+                         f"{1e3 * e['median_s']:.1f} ms per step (blocks of M * G in a scratch, then torch SGD)")
         c = o.get("repopt_sgd_compiled") if k == "optimizer_step_ratio" else None
         if c is not None:
             lines.append(f"{'  ... with compiled=True':34s} {c['ratio']:7.3f}  {'':8s} {'':4s} "

@@ -1,7 +1,9 @@
 """`repopt bench`: every figure of the performance claim, measured side by side in one run.
 
     optimizer_step_ratio               RepOptSGD step / torch SGD step (same flags, fused=True), same gradients
-                                       (the default path; details.optimizer.repopt_sgd_compiled: compiled=True)
+                                       (the default path: the native kernel on CPU where it builds;
+                                       details.optimizer.repopt_sgd_eager: native=False,
+                                       details.optimizer.repopt_sgd_compiled: compiled=True)
     optimizer_extra_state_fraction     optimizer state RepOpt keeps beyond torch SGD's, / parameter bytes
     train_step_ratio_vs_plain          RepOpt-VGG training step / the same target model trained by torch SGD
     train_throughput_ratio_vs_repvgg   RepOpt-VGG images/s / RepVGG images/s (same arch), worst image size

@@ -92,8 +92,16 @@ def test_native_path_is_taken_and_fails_the_check_when_the_multiplier_is_wrong(m
 
 
 @needs_compiler
-def test_several_weights_and_threads_in_one_call(monkeypatch):
-    """Many weights of different shapes split over threads (the per-thread minimum lowered so small weights split)."""
+@pytest.mark.parametrize("threads", ["openmp", "pthreads"])
+def test_several_weights_and_threads_in_one_call(monkeypatch, tmp_path, threads):
+    """Many weights of different shapes split over threads (the per-thread minimum lowered so small weights split),
+    with the library built with OpenMP (torch's pool) and without it (POSIX threads)."""
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_build_error", None)
+    monkeypatch.setenv("REPOPT_CACHE_DIR", str(tmp_path))
+    if threads == "pthreads":
+        monkeypatch.setattr(native, "OPENMP_FLAGS", [])
+    assert native.available(), native.build_error()
     monkeypatch.setattr(native, "ELEMENTS_PER_THREAD", 1)
     monkeypatch.setattr(torch, "get_num_threads", lambda: 3)
     mults = [_branch_set(*s, seed=i) for i, s in enumerate(SHAPES)]

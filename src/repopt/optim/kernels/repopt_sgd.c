@@ -2,7 +2,8 @@
  *
  * Built on first use by repopt/optim/native.py with the machine's C compiler (plain C, no torch headers, so it
  * compiles in about a second) and called through ctypes, which releases the GIL. Python passes one job per target
- * weight; the rows of all jobs are split evenly (by elements) over `nthreads` POSIX threads.
+ * weight; the rows of all jobs are split evenly (by elements) over `nthreads` threads: OpenMP's when built with
+ * -fopenmp (then torch's own pool, see repopt_sgd_step), POSIX threads started per call otherwise.
  *
  * A weight (C_out, C_in/groups, kh, kw) is seen as C_out rows of row_len = C_in/groups * taps elements (taps = kh*kw).
  * The multiplier of an element is table[row * taps + tap] (the tap table: the sum of alpha^2 over the branches that
@@ -17,6 +18,9 @@
  * float32 weights are computed in float32, float64 weights in float64.
  */
 #include <pthread.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
 #include <stdint.h>
 #include <string.h>
 
@@ -182,6 +186,18 @@ int repopt_sgd_step(const repopt_job *jobs, int64_t njobs, const repopt_hyper *h
     }
     if (nthreads < 1) nthreads = 1;
     if (nthreads > 64) nthreads = 64;
+#ifdef _OPENMP
+    /* built with -fopenmp: the libgomp that torch has already loaded (same soname), i.e. torch's own warm thread pool,
+     * so the kernel neither starts threads nor competes with torch's spinning workers */
+    int failed = 0;
+#pragma omp parallel num_threads(nthreads)
+    {
+        int t = omp_get_thread_num(), n = omp_get_num_threads();
+        repopt_slice slice = {jobs, njobs, h, total * t / n, total * (t + 1) / n, is_double};
+        run_slice(&slice);
+    }
+    return failed;
+#else
     repopt_slice slices[64];
     pthread_t threads[64];
     int started[64] = {0}, failed = 0;
@@ -195,4 +211,5 @@ int repopt_sgd_step(const repopt_job *jobs, int64_t njobs, const repopt_hyper *h
         else { run_slice(&slices[t]); ++failed; }
     }
     return failed;
+#endif
 }

@@ -78,15 +78,15 @@ def test_native_path_is_taken_and_fails_the_check_when_the_multiplier_is_wrong(m
     mult = _branch_set(8, 8, 3, 1, ("3x3", "1x1", "identity"), seed=2)
     eager = _run(mult, FLAGS[0], torch.float64, False, native_path=False)
     calls = []
-    make_job = native.make_job
+    prepare = native.prepare
 
     def without_identity(*args, **kwargs):
-        job = make_job(*args, **kwargs)
+        job, table = prepare(*args, **kwargs)
         job.identity = 0.0
         calls.append(job)
-        return job
+        return job, table
 
-    monkeypatch.setattr(native, "make_job", without_identity)
+    monkeypatch.setattr(native, "prepare", without_identity)
     broken = _run(mult, FLAGS[0], torch.float64, False, native_path=True)
     assert calls and not torch.allclose(broken, eager, rtol=1e-6)
 

@@ -55,15 +55,17 @@ def format_report(r: dict) -> str:
             ratios.append(f"repopt/repvgg throughput {t['throughput_ratio_repopt_vs_repvgg']:.3f}")
         lines.append(f"{'':16s} {'':5s} {'':5s} {', '.join(ratios)}")
     if d["memory"]:
-        lines += ["", f"peak training memory ({d['memory'][0]['repopt']['how']}, one fresh process per method)",
+        lines += ["", f"peak training memory ({d['memory'][0]['repopt']['how']}; median of "
+                      f"{d['memory'][0].get('repeats', 1)} fresh processes per method, each run's peak in brackets)",
                   f"{'arch':16s} {'size':>5s} {'batch':>5s} {'method':7s} {'peak MiB':>9s} {'params MiB':>10s} "
                   f"{'saved act. MiB':>14s}"]
         for mem in d["memory"]:
             for m in ("repopt", "repvgg"):
                 e = mem[m]
+                each = " ".join(f"{b / MIB:.0f}" for b in e.get("peak_bytes_each", []))
                 lines.append(f"{mem['arch']:16s} {mem['image_size']:5d} {mem['batch_size']:5d} {m:7s} "
                              f"{e['peak_bytes'] / MIB:9.1f} {e['param_bytes'] / MIB:10.1f} "
-                             f"{e['saved_activation_bytes'] / MIB:14.1f}")
+                             f"{e['saved_activation_bytes'] / MIB:14.1f}  [{each}]")
             lines.append(f"{'':16s} {'':5s} {'':5s} repopt/repvgg peak {mem['peak_ratio_repopt_vs_repvgg']:.3f}, "
                          f"saved activations {mem['saved_activation_ratio_repopt_vs_repvgg']:.3f}")
     return "\n".join(lines)

@@ -7,7 +7,8 @@
     optimizer_extra_state_fraction     optimizer state RepOpt keeps beyond torch SGD's, / parameter bytes
     train_step_ratio_vs_plain          RepOpt-VGG training step / the same target model trained by torch SGD
     train_throughput_ratio_vs_repvgg   RepOpt-VGG images/s / RepVGG images/s (same arch), worst image size
-    peak_memory_ratio_vs_repvgg        peak training memory RepOpt-VGG / RepVGG, worst image size
+    peak_memory_ratio_vs_repvgg        peak training memory RepOpt-VGG / RepVGG (medians of fresh processes), worst
+                                       image size
 
 Ratios are medians of per-round ratios of interleaved runs (see timing.py); absolute times are kept next to them.
 """
@@ -50,18 +51,19 @@ class SuiteConfig:
         TrainSetting("repopt_vgg_a0", 224, 64, 3, ("repopt", "repvgg")),  # B1 at 224 is minutes per step on CPU
     ])
     memory_steps: int = 2
+    memory_repeats: int = 3  # fresh processes per method and size (the median is reported)
 
     @classmethod
     def quick(cls) -> "SuiteConfig":
         """Seconds, for tests and a first look: the tiny preset, small batches."""
         return cls(optimizer_arch="repopt_vgg_tiny", optimizer_repeats=5, optimizer_compiled=False, num_classes=10,
-                   train=[TrainSetting("repopt_vgg_tiny", 32, 8, 3)], memory_steps=1)
+                   train=[TrainSetting("repopt_vgg_tiny", 32, 8, 3)], memory_steps=1, memory_repeats=1)
 
 
 def _count_units(cfg: SuiteConfig) -> int:
     """Progress units: optimizer rounds, training rounds, memory processes."""
     return (cfg.optimizer_repeats + 2 + sum(s.repeats + 1 for s in cfg.train)
-            + 2 * len(cfg.train))
+            + 2 * cfg.memory_repeats * len(cfg.train))
 
 
 def run_suite(cfg: SuiteConfig | None = None, device="cpu", progress: bool = False) -> dict:
@@ -82,7 +84,8 @@ def run_suite(cfg: SuiteConfig | None = None, device="cpu", progress: bool = Fal
                                  device=device, sync=sync, progress=tick) for s in cfg.train]
         mems = [] if device.type != "cpu" else [
             peak_memory(s.arch, s.image_size, s.batch_size, steps=cfg.memory_steps, num_classes=cfg.num_classes,
-                        threads=torch.get_num_threads(), progress=tick) for s in cfg.train]
+                        threads=torch.get_num_threads(), repeats=cfg.memory_repeats, progress=tick)
+            for s in cfg.train]
     finally:
         if bar is not None:
             bar.close()

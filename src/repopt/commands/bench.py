@@ -20,6 +20,8 @@ def add_arguments(p) -> None:
     p.add_argument("--quick", action="store_true", help="tiny model and batches: seconds, not the claim's settings")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--repeats", type=int, default=None, help="rounds of the optimizer-step comparison")
+    p.add_argument("--memory-repeats", type=int, default=None,
+                   help="fresh processes per method for the peak memory (the median is reported; default 3)")
     p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--save", metavar="FILE", default=None, help="also write the JSON result to FILE")
@@ -37,6 +39,10 @@ def run(args) -> int:
         if args.repeats < 1:
             raise UserError(f"--repeats must be at least 1, got {args.repeats}")
         cfg.optimizer_repeats = args.repeats
+    if args.memory_repeats is not None:
+        if args.memory_repeats < 1:
+            raise UserError(f"--memory-repeats must be at least 1, got {args.memory_repeats}")
+        cfg.memory_repeats = args.memory_repeats
     if args.threads is not None:
         if args.threads < 1:
             raise UserError(f"--threads must be at least 1, got {args.threads}")
@@ -49,8 +55,11 @@ def run(args) -> int:
         raise UserError(f"device {args.device!r} was asked for but CUDA is not available here")
     show = not args.quiet and not args.json and sys.stderr.isatty()
     result = run_suite(cfg, device, progress=show)
-    if args.save:
-        with open(args.save, "w") as f:
-            json.dump(result, f, indent=2)
+    if args.save:  # written under a temporary name, then renamed: an earlier file is never left half-written
+        from pathlib import Path
+
+        from ..checkpoint import atomic_write
+
+        atomic_write(Path(args.save), lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0

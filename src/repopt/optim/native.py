@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from ..branches import BranchSet
+
 SOURCE = Path(__file__).with_name("kernels") / "repopt_sgd.c"
 FLAGS = ["-O3", "-fPIC", "-shared", "-pthread", "-fno-fast-math"]
 # tried first: with OpenMP the kernel runs on the libgomp torch has already loaded (one thread pool, not two)
@@ -135,29 +137,39 @@ def _layout(t: Tensor) -> str | None:
     return "channels_last" if t.is_contiguous(memory_format=torch.channels_last) else None
 
 
-def supports(p: Tensor, grad: Tensor, buf: Tensor | None, mult) -> bool:
-    """Dense float32/float64 CPU weights with branch scales, in the contiguous or channels_last layout, with grad and
-    buffer of the same dtype and strides."""
-    from ..branches import BranchSet
-
-    return (isinstance(mult, BranchSet) and p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64)
-            and p.ndim == 4 and p.shape[2] * p.shape[3] <= MAX_TAPS and p.numel() > 0 and grad.dtype == p.dtype
-            and not grad.is_sparse and _layout(p) is not None and grad.stride() == p.stride()
-            and (buf is None or (buf.stride() == p.stride() and buf.dtype == p.dtype)))
-
-
-def make_job(p: Tensor, mult, buf: Tensor | None, table: Tensor, first: bool) -> Job:
-    """The kernel's description of one target weight (one that `supports` accepts). `table`: mult.tap_table(2, "cpu",
-    p.dtype), contiguous, kept alive by the caller until the step returns."""
+def prepare(p: Tensor, mult) -> tuple[Job, Tensor] | None:
+    """The parts of p's job that stay the same from step to step, and the tap table it points to (kept alive with
+    it); None where the kernel cannot take the weight. It takes dense float32/float64 CPU weights with branch scales,
+    contiguous or channels_last; the gradient and buffer must then have p's dtype and strides (`takes`)."""
+    if not (isinstance(mult, BranchSet) and p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64)
+            and p.ndim == 4 and p.shape[2] * p.shape[3] <= MAX_TAPS and p.numel() > 0):
+        return None
+    layout = _layout(p)
+    if layout is None:
+        return None
     g = mult.geometry
     kh, kw = g.kernel_size
     diag_group = diag_centre = 0
     if mult.has_identity:
         cy, cx = g.centre
         diag_group, diag_centre = g.out_channels // g.groups, cy * kw + cx  # out = in channels per group here
-    return Job(p.data_ptr(), p.grad.data_ptr(), 0 if buf is None else buf.data_ptr(), table.data_ptr(),
-               p.shape[0], p[0].numel(), kh * kw, diag_group, diag_centre, 1.0, int(first),
-               int(_layout(p) == "channels_last"))
+    table = mult.tap_table(2, p.device, p.dtype)
+    job = Job(0, 0, 0, table.data_ptr(), p.shape[0], p.numel() // p.shape[0], kh * kw, diag_group, diag_centre, 1.0,
+              0, int(layout == "channels_last"))
+    return job, table
+
+
+def takes(p: Tensor, grad: Tensor, buf: Tensor | None) -> bool:
+    """Can a prepared weight's step run natively with this gradient and momentum buffer?"""
+    stride = p.stride()
+    return (grad.dtype == p.dtype and grad.stride() == stride
+            and (buf is None or (buf.dtype == p.dtype and buf.stride() == stride)))
+
+
+def bind(job: Job, p: Tensor, buf: Tensor | None, first: bool) -> Job:
+    """Point a prepared job at this step's tensors (the gradient may be a new tensor every step)."""
+    job.p, job.g, job.buf, job.first = p.data_ptr(), p.grad.data_ptr(), 0 if buf is None else buf.data_ptr(), first
+    return job
 
 
 def sgd_step(jobs: list[Job], group: dict, dtype: torch.dtype, numel: int) -> None:
@@ -169,4 +181,4 @@ def sgd_step(jobs: list[Job], group: dict, dtype: torch.dtype, numel: int) -> No
     threads = max(1, min(torch.get_num_threads(), numel // ELEMENTS_PER_THREAD))
     array = (Job * len(jobs))(*jobs)
     if load().repopt_sgd_step(array, len(jobs), ctypes.byref(hyper), int(dtype == torch.float64), threads) < 0:
-        raise RuntimeError("the native RepOptSGD kernel refused a weight layout that supports() accepted (a bug)")
+        raise RuntimeError("the native RepOptSGD kernel refused a weight layout that prepare() accepted (a bug)")

@@ -62,6 +62,7 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
             raise RuntimeError(f"RepOptSGD(native=True): the native kernel is unavailable "
                                f"({native_kernel.build_error() or 'turned off by REPOPT_NATIVE'})")
         self.scratch_bytes, self.compiled, self.native = int(scratch_bytes), bool(compiled), native
+        self._native_jobs: dict[Tensor, tuple] = {}  # per weight: (dtype, strides, device), its prepared job
         self._init_multipliers(grad_mults)
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                          nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
@@ -95,8 +96,9 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
                     if self._compilable(group, p, mult, buf):
                         compiled.append((p, mult, buf))
                         continue
-                    if use_native and native_kernel.supports(p, grad, buf, mult):
-                        native.append((p, mult, buf))
+                    prepared = self._native_job(p, mult) if use_native else None
+                    if prepared is not None and native_kernel.takes(p, grad, buf):
+                        native.append((p, buf, prepared[0]))
                         continue
                     if self.scratch_bytes and not group["differentiable"] and _cuttable(p, grad, buf):
                         blocked.append((p, mult, buf))
@@ -143,20 +145,27 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
                 and getattr(self, "grad_scale", None) is None and getattr(self, "found_inf", None) is None
                 and not torch.compiler.is_compiling() and native_kernel.available())
 
+    def _native_job(self, p: Tensor, mult):
+        """p's prepared native job and tap table (None: not for the kernel), kept until p's dtype or layout changes."""
+        key = (p.dtype, p.stride(), p.device)
+        cached = self._native_jobs.get(p)
+        if cached is None or cached[0] != key:
+            cached = self._native_jobs[p] = (key, native_kernel.prepare(p, mult))
+        return cached[1]
+
     def _step_native(self, group, items: list) -> None:
         """The default path on CPU: one native call updates every float32/float64 target weight of the group."""
         momentum = group["momentum"] != 0
-        by_dtype: dict[torch.dtype, tuple[list, list]] = {}
-        for p, mult, buf in items:
+        by_dtype: dict[torch.dtype, list] = {}
+        for p, buf, job in items:
             first = momentum and buf is None
             if first:  # zeros, not empty: the kernel overwrites it, but never reads uninitialised memory
                 buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-            table = mult.tap_table(2, p.device, p.dtype)
-            jobs, tables = by_dtype.setdefault(p.dtype, ([], []))
-            jobs.append(native_kernel.make_job(p, mult, buf, table, first))
-            tables.append((table, p.numel()))
-        for dtype, (jobs, tables) in by_dtype.items():
-            native_kernel.sgd_step(jobs, group, dtype, sum(n for _, n in tables))
+            entry = by_dtype.setdefault(p.dtype, [[], 0])
+            entry[0].append(native_kernel.bind(job, p, buf, first))
+            entry[1] += p.numel()
+        for dtype, (jobs, numel) in by_dtype.items():
+            native_kernel.sgd_step(jobs, group, dtype, numel)
 
     def _compilable(self, group, p: Tensor, mult, buf: Tensor | None) -> bool:
         """The compiled path takes contiguous weights with branch scales once their momentum buffer exists."""

@@ -8,7 +8,7 @@ NAME = "bench"
 HELP = ("Measure what RepOpt costs over plain SGD and what it saves over RepVGG: optimizer step, training step, "
         "throughput and peak memory ratios, with absolute times, device, torch version and threads.")
 EXAMPLES = """examples:
-  repopt bench                 # the full suite: RepOpt-VGG-B1 at 32x32, A0 at 224x224, batch 64 (a few minutes on CPU)
+  repopt bench                 # the full suite: RepOpt-VGG-B1 at 32x32, A0 at 224x224, batch 64 (~6 min on 2 cores)
   repopt bench --quick         # the tiny preset, seconds: checks the machinery, not the claim
   repopt bench --json          # {"optimizer_step_ratio": ..., ..., "details": {...}}
   repopt bench --repeats 25    # more rounds for the optimizer step (the default is 15)

@@ -1,6 +1,7 @@
 """RepOptSGD's native CPU kernel (repopt/optim/native.py): builds here when a C compiler exists, matches the eager path
 (M * G, then torch's SGD) on every flag, layout, dtype and branch shape, and falls back cleanly when it cannot build.
 The float64 proofs of tests/test_equivalence.py run through it too (the default path)."""
+import os
 import shutil
 
 import pytest
@@ -171,3 +172,19 @@ def test_the_built_library_is_cached_per_source(monkeypatch, tmp_path):
     copy.write_text(copy.read_text() + "\n/* edited */\n")
     monkeypatch.setattr(native, "SOURCE", copy)
     assert native._build() != first  # another source, another file
+
+
+@needs_compiler
+def test_a_read_only_cache_falls_back_to_a_private_temp_dir(monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_build_error", None)
+    monkeypatch.setenv("REPOPT_CACHE_DIR", str(blocker / "cache"))  # cannot be created: its parent is a file
+    monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path))
+    built = native._build()
+    assert built.parent == tmp_path / f"repopt-{os.getuid()}"
+    assert built.parent.stat().st_mode & 0o077 == 0
+    built.parent.chmod(0o777)  # somebody else could plant a library there: refused
+    with pytest.raises(RuntimeError, match="not private to this user"):
+        native._build()

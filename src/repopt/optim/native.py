@@ -5,10 +5,10 @@ way of forming M * G first adds a pass over G and a dozen small ops per weight (
 The C kernel does the multiply inside the update, so a RepOptSGD step costs about what torch's fused SGD step costs.
 
 The kernel is plain C (no torch headers): the machine's C compiler builds it in about a second, into a cache directory
-($REPOPT_CACHE_DIR, else $XDG_CACHE_HOME/repopt, else ~/.cache/repopt), under a name that hashes the source, the
-compiler and the flags; the file is written under a temporary name and renamed, so concurrent processes (DDP ranks)
-never load half a file. Without a working compiler `available()` is False and RepOptSGD keeps its eager path, which
-is exact as well. REPOPT_NATIVE=0 turns the kernel off.
+($REPOPT_CACHE_DIR, else $XDG_CACHE_HOME/repopt, else ~/.cache/repopt; a private directory in the temp dir where that
+is read-only), under a name that hashes the source, the compiler and the flags; the file is written under a temporary
+name and renamed, so concurrent processes (DDP ranks) never load half a file. Without a working compiler `available()`
+is False and RepOptSGD keeps its eager path, which is exact as well. REPOPT_NATIVE=0 turns the kernel off.
 """
 from __future__ import annotations
 
@@ -56,6 +56,24 @@ def cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "repopt"
 
 
+def _writable_dir() -> Path:
+    """cache_dir(), or where home is read-only (containers, CI), a private directory in the system's temp dir: only
+    its owner may write there, since a library loaded from it runs as this user."""
+    preferred = cache_dir()
+    try:
+        preferred.mkdir(parents=True, exist_ok=True)
+        if os.access(preferred, os.W_OK):
+            return preferred
+    except OSError:
+        pass
+    private = Path(tempfile.gettempdir()) / f"repopt-{os.getuid()}"
+    private.mkdir(mode=0o700, exist_ok=True)
+    st = private.stat()
+    if st.st_uid != os.getuid() or st.st_mode & 0o022:
+        raise RuntimeError(f"{preferred} is not writable and {private} is not private to this user")
+    return private
+
+
 def _compiler() -> str | None:
     for name in (os.environ.get("CC"), sysconfig.get_config_var("CC"), "cc", "gcc", "clang"):
         exe = name.split()[0] if name else None
@@ -70,10 +88,11 @@ def _build() -> Path:
     if cc is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    directory = _writable_dir()
     errors = []
     for flags in (FLAGS + OPENMP_FLAGS, FLAGS):
         key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + " ".join(flags).encode()).hexdigest()[:16]
-        target = cache_dir() / f"repopt_sgd-{key}.so"
+        target = directory / f"repopt_sgd-{key}.so"
         if target.exists():
             return target
         try:
@@ -116,7 +135,9 @@ def load():
 
 
 def enabled() -> bool:
-    return os.environ.get("REPOPT_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+    """REPOPT_NATIVE is not 0/false/no/off, and the platform is POSIX (the build and the threads assume it)."""
+    return os.name == "posix" and os.environ.get("REPOPT_NATIVE", "1").strip().lower() not in ("0", "false", "no",
+                                                                                               "off")
 
 
 def available() -> bool:

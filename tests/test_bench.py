@@ -21,6 +21,11 @@ def test_quick_bench_reports_every_key(capsys):
     assert env["device"].startswith("cpu") and env["torch"] and env["threads"] == 1
     d = result["details"]
     assert d["optimizer"]["torch_sgd"]["median_s"] > 0 and d["optimizer"]["repopt_sgd"]["median_s"] > 0
+    from repopt.optim import native
+
+    # the default path on CPU is the native kernel where it builds, and then the eager path is timed beside it
+    assert d["optimizer"]["path"] == ("native" if native.available() else "eager")
+    assert ("repopt_sgd_eager" in d["optimizer"]) == native.available()
     assert {"plain", "repopt", "repvgg"} <= set(d["training"][0])
     assert d["memory"][0]["repopt"]["peak_bytes"] > 0
 
@@ -28,3 +33,5 @@ def test_quick_bench_reports_every_key(capsys):
 def test_bench_refuses_bad_repeats(capsys):
     assert main(["bench", "--quick", "--repeats", "0"]) == 2
     assert "--repeats" in capsys.readouterr().err
+    assert main(["bench", "--quick", "--memory-repeats", "0"]) == 2
+    assert "--memory-repeats" in capsys.readouterr().err

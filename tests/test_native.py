@@ -1,6 +1,7 @@
-"""RepOptSGD's native CPU kernel (repopt/optim/native.py): builds here when a C compiler exists, matches the eager path
-(M * G, then torch's SGD) on every flag, layout, dtype and branch shape, and falls back cleanly when it cannot build.
-The float64 proofs of tests/test_equivalence.py run through it too (the default path)."""
+"""The native CPU kernels (repopt/optim/native.py) of RepOptSGD, RepOptAdamW and RepOptLion: they build here when a C
+compiler exists, match the eager paths (the same rules in torch tensor ops) on every flag, layout, dtype and branch
+shape, and fall back cleanly when they cannot build. The float64 proofs of tests/test_equivalence.py run through them
+too (the default path)."""
 import os
 import shutil
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from repopt import BranchSet, RepOptSGD
+from repopt import BranchSet, RepOptAdamW, RepOptLion, RepOptSGD
 from repopt.branches import ConvGeometry
 from repopt.optim import native
 
@@ -47,12 +48,13 @@ FLAGS = [
 ]
 
 
-def _run(mult, flags, dtype, channels_last, native_path, steps=3, seed=0):
+def _run(mult, flags, dtype, channels_last, native_path, steps=3, seed=0, optimizer=RepOptSGD):
     g = torch.Generator().manual_seed(seed)
     shape = mult.geometry.weight_shape
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     w = nn.Parameter(torch.randn(shape, generator=g, dtype=dtype).contiguous(memory_format=fmt))
-    opt = RepOptSGD([w], lr=0.1, grad_mults={w: mult}, native=native_path, **flags)
+    flags = {"lr": 0.1, **flags}
+    opt = optimizer([w], grad_mults={w: mult}, native=native_path, **flags)
     for _ in range(steps):
         w.grad = torch.randn(shape, generator=g, dtype=dtype).contiguous(memory_format=fmt)
         opt.step()
@@ -71,6 +73,51 @@ def test_native_step_matches_the_eager_path(shape, channels_last, dtype):
         fast = _run(mult, flags, dtype, channels_last, native_path=True)
         assert fast.stride() == eager.stride()
         assert torch.allclose(fast, eager, **tol), (flags, (fast - eager).abs().max().item())
+
+
+# AdamW: decay, amsgrad + maximize, a large lerp weight (torch's other lerp formula) with a large eps; Lion: decay,
+# maximize
+ADAPTIVE = [
+    (RepOptAdamW, dict(lr=1e-2, weight_decay=0.05)),
+    (RepOptAdamW, dict(lr=1e-2, weight_decay=0.0, amsgrad=True, maximize=True)),
+    (RepOptAdamW, dict(lr=1e-2, betas=(0.3, 0.9), eps=1e-3, weight_decay=0.01)),
+    (RepOptLion, dict(lr=1e-3, weight_decay=0.1)),
+    (RepOptLion, dict(lr=1e-3, betas=(0.5, 0.9), maximize=True)),
+]
+
+
+@needs_compiler
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}g{s[3]}{'+id' * ('identity' in s[4])}")
+def test_native_adamw_and_lion_match_their_eager_paths(shape, channels_last, dtype):
+    mult = _branch_set(*shape, seed=6)
+    tol = dict(rtol=1e-12, atol=1e-13) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
+    for optimizer, flags in ADAPTIVE:
+        eager = _run(mult, flags, dtype, channels_last, native_path=False, optimizer=optimizer)
+        fast = _run(mult, flags, dtype, channels_last, native_path=True, optimizer=optimizer)
+        assert torch.allclose(fast, eager, **tol), (optimizer.__name__, flags, (fast - eager).abs().max().item())
+
+
+@needs_compiler
+@pytest.mark.parametrize("optimizer", [RepOptAdamW, RepOptLion])
+def test_adaptive_kernels_are_taken_and_a_wrong_table_fails(monkeypatch, optimizer):
+    mult = _branch_set(8, 8, 3, 1, ("3x3", "1x1", "identity"), seed=7)
+    flags = dict(ADAPTIVE[0][1] if optimizer is RepOptAdamW else ADAPTIVE[3][1])
+    eager = _run(mult, flags, torch.float64, False, native_path=False, optimizer=optimizer)
+    calls = []
+    prepare = native.prepare_adaptive
+
+    def doubled(p, m, kind):
+        job, coef = prepare(p, m, kind)
+        coef = coef * 2
+        job.coef = coef.data_ptr()
+        calls.append(coef)  # kept alive for the kernel
+        return job, coef
+
+    monkeypatch.setattr(native, "prepare_adaptive", doubled)
+    broken = _run(mult, flags, torch.float64, False, native_path=True, optimizer=optimizer)
+    assert calls and not torch.allclose(broken, eager, rtol=1e-6)
 
 
 @needs_compiler
@@ -142,7 +189,7 @@ def test_a_compile_error_is_reported_and_leaves_no_file(monkeypatch, tmp_path):
     bad.write_text("this is not C\n")
     monkeypatch.setattr(native, "_library", None)
     monkeypatch.setattr(native, "_build_error", None)
-    monkeypatch.setattr(native, "SOURCE", bad)
+    monkeypatch.setattr(native, "SOURCES", [bad])
     monkeypatch.setenv("REPOPT_CACHE_DIR", str(tmp_path / "cache"))
     assert native.load() is None
     assert "could not compile broken.c" in native.build_error()
@@ -168,9 +215,10 @@ def test_the_built_library_is_cached_per_source(monkeypatch, tmp_path):
     stamp = first.stat().st_mtime_ns
     assert native._build() == first and first.stat().st_mtime_ns == stamp  # no rebuild
     copy = tmp_path / "edited.c"
-    shutil.copy(native.SOURCE, copy)
-    copy.write_text(copy.read_text() + "\n/* edited */\n")
-    monkeypatch.setattr(native, "SOURCE", copy)
+    shutil.copy(native.SOURCES[0], copy)
+    copy.write_text(copy.read_text().replace('#include "common.h"', f'#include "{native.HEADERS[0]}"')
+                    + "\n/* edited */\n")
+    monkeypatch.setattr(native, "SOURCES", [copy, *native.SOURCES[1:]])
     assert native._build() != first  # another source, another file
 
 

@@ -194,6 +194,20 @@ class BranchSet:
             table = self._tables[key] = table.to(device=key[1], dtype=dtype)
         return table
 
+    def support_tables(self, device=None, dtype=torch.float64) -> Tensor:
+        """(conv branches, C_out, kh*kw): |alpha_b| on branch b's support, 0 elsewhere (what the native AdamW kernel
+        evaluates U of (4) from)."""
+        key = ("support", torch.device(device) if device is not None else torch.device("cpu"), dtype)
+        table = self._tables.get(key)
+        if table is None:
+            kh, kw = self.geometry.kernel_size
+            table = torch.zeros(len(self.conv_scales), self.geometry.out_channels, kh, kw, dtype=torch.float64)
+            for b, (branch, alpha) in enumerate(self.conv_scales.items()):
+                ys, xs = _support(self.geometry, branch_kernel_size(branch))
+                table[b, :, ys, xs] = alpha.abs().view(-1, 1, 1)
+            table = self._tables[key] = table.flatten(2).to(device=key[1], dtype=dtype).contiguous()
+        return table
+
     def _pattern_repeat(self) -> int:
         """How many input channels one multiply pattern spans (the largest divisor of C_in/groups up to 16).
 

@@ -58,6 +58,10 @@ OPTIMIZERS = {
     "adamw": (torch.optim.AdamW, RepOptAdamW, dict(lr=2e-3, weight_decay=0.05), {}),
     "adamw amsgrad": (torch.optim.AdamW, RepOptAdamW, dict(lr=2e-3, weight_decay=0.05, amsgrad=True), {}),
     "lion": (RepOptLion, RepOptLion, dict(lr=2e-4, weight_decay=0.1), {}),
+    # the cases above take the native kernels on CPU where they build; their eager paths:
+    "adamw eager": (torch.optim.AdamW, RepOptAdamW, dict(lr=2e-3, weight_decay=0.05),
+                    {"repopt_kwargs": {"native": False}}),
+    "lion eager": (RepOptLion, RepOptLion, dict(lr=2e-4, weight_decay=0.1), {"repopt_kwargs": {"native": False}}),
 }
 
 

@@ -2,7 +2,9 @@
 
 One pair of moments (m, v) of the raw gradient G is kept per parameter, under torch's own state keys; a target conv's
 step is  W' <- W' (1 - lr wd) - lr m_hat * U  with U from the branch scales, instead of m_hat / (sqrt(v_hat) + eps).
-Parameters without branch scales go through torch's functional `adamw` unchanged (all its paths).
+Parameters without branch scales go through torch's functional `adamw` unchanged (all its paths). Target convs take
+the native CPU kernel where it builds (native.py: the whole update in one pass, float32/float64 CPU weights), else the
+eager tensor ops of `_step_target`; both compute the same arithmetic in the same order.
 """
 from __future__ import annotations
 
@@ -13,7 +15,12 @@ import torch
 from torch import Tensor
 from torch.optim.adamw import adamw
 
+from . import native as native_kernel
 from .base import RepOptMixin
+
+
+def _prepare(p: Tensor, mult):
+    return native_kernel.prepare_adaptive(p, mult, native_kernel.ADAMW)
 
 
 class RepOptAdamW(RepOptMixin, torch.optim.AdamW):
@@ -23,7 +30,11 @@ class RepOptAdamW(RepOptMixin, torch.optim.AdamW):
     def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
-                 fused: bool | None = None, grad_mults: Mapping[Tensor, Any] | None = None):
+                 fused: bool | None = None, grad_mults: Mapping[Tensor, Any] | None = None,
+                 native: bool | None = None):
+        """native: update float32/float64 CPU target weights with the native kernel (repopt/optim/native.py). None
+        (default): where it builds on this machine; True: refuse to run without it; False: never."""
+        self._init_native(native)
         self._init_multipliers(grad_mults)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable,
@@ -48,6 +59,7 @@ class RepOptAdamW(RepOptMixin, torch.optim.AdamW):
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         for gi, group in enumerate(self.param_groups):
             plain = ([], [], [], [], [], [])
+            use_native, fast = self._native_allowed(group), []
             for p, bs in zip(group["params"], self._multipliers[gi]):
                 if p.grad is None:
                     continue
@@ -60,7 +72,14 @@ class RepOptAdamW(RepOptMixin, torch.optim.AdamW):
                         if item is not None:
                             lst.append(item)
                 else:
-                    self._step_target(p, bs, state, group, grad_scale, found_inf)
+                    job = self._native_job(p, bs, _prepare) if use_native else None
+                    if job is not None and native_kernel.takes(p, p.grad, state["exp_avg"], state["exp_avg_sq"],
+                                                               state.get("max_exp_avg_sq")):
+                        fast.append((p, state, job[0]))
+                    else:
+                        self._step_target(p, bs, state, group, grad_scale, found_inf)
+            if fast:
+                self._step_native(group, fast)
             if plain[0]:
                 beta1, beta2 = group["betas"]
                 adamw(*plain, foreach=group["foreach"], capturable=group["capturable"],
@@ -68,6 +87,26 @@ class RepOptAdamW(RepOptMixin, torch.optim.AdamW):
                       found_inf=found_inf, amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
                       weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
         return loss
+
+    @staticmethod
+    def _step_native(group, fast: list) -> None:
+        """The target weights of a group in one native call per dtype and step count (the bias corrections)."""
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        lr = float(lr.item() if isinstance(lr, Tensor) else lr)
+        calls: dict[tuple, list] = {}
+        for p, state, job in fast:
+            state["step"] += 1
+            entry = calls.setdefault((p.dtype, float(state["step"])), [[], 0])
+            entry[0].append(native_kernel.bind_adaptive(job, p, p.grad, state["exp_avg"], state["exp_avg_sq"],
+                                                        state.get("max_exp_avg_sq")))
+            entry[1] += p.numel()
+        for (dtype, step), (jobs, numel) in calls.items():
+            native_kernel.adaptive_step(jobs, native_kernel.ADAMW, dtype, numel, lr=lr,
+                                        weight_decay=float(group["weight_decay"]), beta1=beta1, beta2=beta2,
+                                        eps=float(group["eps"]), maximize=group["maximize"],
+                                        bias_correction1=1 - beta1 ** step,
+                                        bias_correction2_sqrt=math.sqrt(1 - beta2 ** step), amsgrad=group["amsgrad"])
 
     @staticmethod
     def _step_target(p: Tensor, bs, state: dict, group, grad_scale, found_inf) -> None:

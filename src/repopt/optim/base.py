@@ -53,6 +53,33 @@ class RepOptMixin:
             raise ValueError(f"grad_mults names parameters that are not in the optimizer's params: {names}")
         del self._pending_mults
 
+    # ---- the native CPU kernels (native.py) ---------------------------------------------------------------------
+    def _init_native(self, native: bool | None) -> None:
+        """native: None (default) uses the kernels where they build, True refuses to run without them, False never."""
+        from . import native as native_kernel
+
+        if native is True and not native_kernel.available():
+            raise RuntimeError(f"{type(self).__name__}(native=True): the native kernel is unavailable "
+                               f"({native_kernel.build_error() or 'turned off by REPOPT_NATIVE'})")
+        self.native = native
+        self._native_jobs: dict[Tensor, tuple] = {}  # per weight: (dtype, strides, device), its prepared job
+
+    def _native_allowed(self, group) -> bool:
+        """The native kernels: not asked off, built here, no AMP unscaling pending, not traced by torch.compile."""
+        from . import native as native_kernel
+
+        return (self.native is not False and not group.get("differentiable", False)
+                and getattr(self, "grad_scale", None) is None and getattr(self, "found_inf", None) is None
+                and not torch.compiler.is_compiling() and native_kernel.available())
+
+    def _native_job(self, p: Tensor, mult, prepare):
+        """p's job prepared by `prepare(p, mult)` (None: not for the kernel), kept until p's dtype or layout changes."""
+        key = (p.dtype, p.stride(), p.device)
+        cached = self._native_jobs.get(p)
+        if cached is None or cached[0] != key:
+            cached = self._native_jobs[p] = (key, prepare(p, mult))
+        return cached[1]
+
     @staticmethod
     def _evaluate_closure(closure):
         """torch's closure convention for step(): re-evaluate the loss with grad enabled, return it (or None)."""

@@ -12,22 +12,31 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
+from . import native as native_kernel
 from .base import RepOptMixin
+
+
+def _prepare(p: Tensor, mult):
+    return native_kernel.prepare_adaptive(p, mult, native_kernel.LION)
 
 
 class RepOptLion(RepOptMixin, torch.optim.Optimizer):
     _default_weight_decay = 0.0
 
     def __init__(self, params, lr: float | Tensor = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0, *,
-                 maximize: bool = False, grad_mults: Mapping[Tensor, Any] | None = None):
+                 maximize: bool = False, grad_mults: Mapping[Tensor, Any] | None = None, native: bool | None = None):
+        """native: update float32/float64 CPU target weights with the native kernel (repopt/optim/native.py). None
+        (default): where it builds on this machine; True: refuse to run without it; False: never."""
         if lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
             raise ValueError(f"Invalid betas: {betas}")
         if weight_decay < 0.0:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
+        self._init_native(native)
         self._init_multipliers(grad_mults)
-        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize))
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
+                                      differentiable=False))
         self._check_all_bound()
 
     @torch.no_grad()
@@ -36,14 +45,21 @@ class RepOptLion(RepOptMixin, torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
             lr, wd = group["lr"], group["weight_decay"]
+            use_native, fast = self._native_allowed(group), {}
             for p, mult in zip(group["params"], self._multipliers[gi]):
                 if p.grad is None:
                     continue
-                grad = -p.grad if group["maximize"] else p.grad
                 state = self.state[p]
                 if len(state) == 0:
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 exp_avg = state["exp_avg"]
+                job = self._native_job(p, mult, _prepare) if use_native and mult is not None else None
+                if job is not None and native_kernel.takes(p, p.grad, exp_avg):
+                    entry = fast.setdefault(p.dtype, [[], 0])
+                    entry[0].append(native_kernel.bind_adaptive(job[0], p, p.grad, exp_avg))
+                    entry[1] += p.numel()
+                    continue
+                grad = -p.grad if group["maximize"] else p.grad
                 if wd != 0:
                     p.mul_(1 - lr * wd)
                 update = exp_avg.mul(beta1).add_(grad, alpha=1 - beta1).sign_()
@@ -51,4 +67,8 @@ class RepOptLion(RepOptMixin, torch.optim.Optimizer):
                     mult.multiply_rows(update, 0, update, power=1)  # in place: no second temporary
                 p.add_(update, alpha=-lr)
                 exp_avg.mul_(beta2).add_(grad, alpha=1 - beta2)
+            for dtype, (jobs, numel) in fast.items():
+                native_kernel.adaptive_step(jobs, native_kernel.LION, dtype, numel, lr=float(lr),
+                                            weight_decay=float(wd), beta1=beta1, beta2=beta2,
+                                            maximize=group["maximize"])
         return loss

@@ -26,8 +26,10 @@ from torch import Tensor
 
 from ..branches import BranchSet
 
-SOURCE = Path(__file__).with_name("kernels") / "repopt_sgd.c"
-FLAGS = ["-O3", "-fPIC", "-shared", "-pthread", "-fno-fast-math"]
+KERNELS = Path(__file__).with_name("kernels")
+SOURCES = [KERNELS / "repopt_sgd.c", KERNELS / "repopt_adaptive.c"]
+HEADERS = [KERNELS / "common.h"]
+FLAGS = ["-O3", "-fPIC", "-shared", "-pthread", "-fno-fast-math", "-fno-math-errno", "-fno-trapping-math"]
 # tried first: with OpenMP the kernel runs on the libgomp torch has already loaded (one thread pool, not two)
 OPENMP_FLAGS = ["-fopenmp"]
 # Work per thread below which a step runs on fewer threads (torch's own grain size for parallel loops)
@@ -45,6 +47,23 @@ class Hyper(ctypes.Structure):
     _fields_ = [("lr", ctypes.c_double), ("weight_decay", ctypes.c_double), ("momentum", ctypes.c_double),
                 ("dampening", ctypes.c_double), ("nesterov", ctypes.c_int64), ("maximize", ctypes.c_int64)]
 
+
+class AdaptiveJob(ctypes.Structure):
+    _fields_ = [("p", ctypes.c_void_p), ("g", ctypes.c_void_p), ("m", ctypes.c_void_p), ("v", ctypes.c_void_p),
+                ("vmax", ctypes.c_void_p), ("coef", ctypes.c_void_p), ("nb", ctypes.c_int64), ("rows", ctypes.c_int64),
+                ("row_len", ctypes.c_int64), ("taps", ctypes.c_int64), ("diag_group", ctypes.c_int64),
+                ("diag_centre", ctypes.c_int64), ("channels_last", ctypes.c_int64)]
+
+
+class AdaptiveHyper(ctypes.Structure):
+    _fields_ = [("lr", ctypes.c_double), ("weight_decay", ctypes.c_double), ("beta1", ctypes.c_double),
+                ("beta2", ctypes.c_double), ("eps", ctypes.c_double), ("bias_correction1", ctypes.c_double),
+                ("bias_correction2_sqrt", ctypes.c_double), ("maximize", ctypes.c_int64),
+                ("amsgrad", ctypes.c_int64), ("kind", ctypes.c_int64)]
+
+
+ADAMW, LION = 0, 1  # kinds of repopt_adaptive_step
+MAX_BRANCHES = 8  # conv branches per target conv in repopt_adaptive.c
 
 _library = None      # the loaded kernel, once built
 _build_error = None  # why it could not be built (a sentence), once tried
@@ -91,8 +110,9 @@ def _build() -> Path:
     directory = _writable_dir()
     errors = []
     for flags in (FLAGS + OPENMP_FLAGS, FLAGS):
-        key = hashlib.sha256(SOURCE.read_bytes() + version.encode() + " ".join(flags).encode()).hexdigest()[:16]
-        target = directory / f"repopt_sgd-{key}.so"
+        text = b"".join(f.read_bytes() for f in [*SOURCES, *HEADERS])
+        key = hashlib.sha256(text + version.encode() + " ".join(flags).encode()).hexdigest()[:16]
+        target = directory / f"repopt_kernels-{key}.so"
         if target.exists():
             return target
         try:
@@ -104,15 +124,16 @@ def _build() -> Path:
 
 
 def _compile(cc: str, flags: list[str], target: Path) -> None:
-    """Compile SOURCE into `target` atomically (a temporary file in the same directory, then a rename)."""
+    """Compile SOURCES into `target` atomically (a temporary file in the same directory, then a rename)."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".repopt_sgd-", suffix=".so", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=".repopt_kernels-", suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=300)
+        done = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True,
+                              timeout=300)
         if done.returncode != 0:
             first = (done.stderr.strip().splitlines() or ["no message"])[0]
-            raise RuntimeError(f"{cc} could not compile {SOURCE.name}: {first}")
+            raise RuntimeError(f"{cc} could not compile {', '.join(f.name for f in SOURCES)}: {first}")
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -128,6 +149,9 @@ def load():
             lib.repopt_sgd_step.argtypes = [ctypes.POINTER(Job), ctypes.c_int64, ctypes.POINTER(Hyper),
                                             ctypes.c_int, ctypes.c_int]
             lib.repopt_sgd_step.restype = ctypes.c_int
+            lib.repopt_adaptive_step.argtypes = [ctypes.POINTER(AdaptiveJob), ctypes.c_int64,
+                                                 ctypes.POINTER(AdaptiveHyper), ctypes.c_int, ctypes.c_int]
+            lib.repopt_adaptive_step.restype = ctypes.c_int
             _library = lib
         except Exception as e:  # no compiler, read-only home, a sandbox without exec...: the eager path is exact too
             _build_error = f"{type(e).__name__}: {e}"
@@ -158,10 +182,9 @@ def _layout(t: Tensor) -> str | None:
     return "channels_last" if t.is_contiguous(memory_format=torch.channels_last) else None
 
 
-def prepare(p: Tensor, mult) -> tuple[Job, Tensor] | None:
-    """The parts of p's job that stay the same from step to step, and the tap table it points to (kept alive with
-    it); None where the kernel cannot take the weight. It takes dense float32/float64 CPU weights with branch scales,
-    contiguous or channels_last; the gradient and buffer must then have p's dtype and strides (`takes`)."""
+def _geometry_fields(p: Tensor, mult) -> tuple[int, int, int, int, int, int] | None:
+    """(rows, row_len, taps, diag_group, diag_centre, channels_last) of a weight the kernels take, else None: dense
+    float32/float64 CPU weights with branch scales, contiguous or channels_last."""
     if not (isinstance(mult, BranchSet) and p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64)
             and p.ndim == 4 and p.shape[2] * p.shape[3] <= MAX_TAPS and p.numel() > 0):
         return None
@@ -174,17 +197,45 @@ def prepare(p: Tensor, mult) -> tuple[Job, Tensor] | None:
     if mult.has_identity:
         cy, cx = g.centre
         diag_group, diag_centre = g.out_channels // g.groups, cy * kw + cx  # out = in channels per group here
+    return p.shape[0], p.numel() // p.shape[0], kh * kw, diag_group, diag_centre, int(layout == "channels_last")
+
+
+def prepare(p: Tensor, mult) -> tuple[Job, Tensor] | None:
+    """The parts of p's SGD job that stay the same from step to step, and the tap table it points to (kept alive with
+    it); None where the kernel cannot take the weight. The gradient and buffer must then have p's dtype and strides
+    (`takes`)."""
+    fields = _geometry_fields(p, mult)
+    if fields is None:
+        return None
+    rows, row_len, taps, diag_group, diag_centre, channels_last = fields
     table = mult.tap_table(2, p.device, p.dtype)
-    job = Job(0, 0, 0, table.data_ptr(), p.shape[0], p.numel() // p.shape[0], kh * kw, diag_group, diag_centre, 1.0,
-              0, int(layout == "channels_last"))
+    job = Job(0, 0, 0, table.data_ptr(), rows, row_len, taps, diag_group, diag_centre, 1.0, 0, channels_last)
     return job, table
 
 
-def takes(p: Tensor, grad: Tensor, buf: Tensor | None) -> bool:
-    """Can a prepared weight's step run natively with this gradient and momentum buffer?"""
+def prepare_adaptive(p: Tensor, mult, kind: int) -> tuple[AdaptiveJob, Tensor] | None:
+    """As `prepare`, for RepOptAdamW (kind ADAMW: one |alpha_b| table per conv branch) or RepOptLion (kind LION: the
+    tap table of power 1)."""
+    fields = _geometry_fields(p, mult)
+    if fields is None:
+        return None
+    if kind == ADAMW:
+        coef = mult.support_tables(p.device, p.dtype)
+    else:
+        coef = mult.tap_table(1, p.device, p.dtype)[None]
+    if not 1 <= coef.shape[0] <= MAX_BRANCHES:
+        return None
+    rows, row_len, taps, diag_group, diag_centre, channels_last = fields
+    job = AdaptiveJob(0, 0, 0, 0, 0, coef.data_ptr(), coef.shape[0], rows, row_len, taps, diag_group, diag_centre,
+                      channels_last)
+    return job, coef
+
+
+def takes(p: Tensor, grad: Tensor, *state: Tensor | None) -> bool:
+    """Can a prepared weight's step run natively with this gradient and these state tensors (None: absent)?"""
     stride = p.stride()
     return (grad.dtype == p.dtype and grad.stride() == stride
-            and (buf is None or (buf.dtype == p.dtype and buf.stride() == stride)))
+            and all(t is None or (t.dtype == p.dtype and t.stride() == stride) for t in state))
 
 
 def bind(job: Job, p: Tensor, buf: Tensor | None, first: bool) -> Job:
@@ -203,3 +254,22 @@ def sgd_step(jobs: list[Job], group: dict, dtype: torch.dtype, numel: int) -> No
     array = (Job * len(jobs))(*jobs)
     if load().repopt_sgd_step(array, len(jobs), ctypes.byref(hyper), int(dtype == torch.float64), threads) < 0:
         raise RuntimeError("the native RepOptSGD kernel refused a weight layout that prepare() accepted (a bug)")
+
+
+def bind_adaptive(job: AdaptiveJob, p: Tensor, grad: Tensor, m: Tensor, v: Tensor | None = None,
+                  vmax: Tensor | None = None) -> AdaptiveJob:
+    job.p, job.g, job.m = p.data_ptr(), grad.data_ptr(), m.data_ptr()
+    job.v, job.vmax = (0 if v is None else v.data_ptr()), (0 if vmax is None else vmax.data_ptr())
+    return job
+
+
+def adaptive_step(jobs: list[AdaptiveJob], kind: int, dtype: torch.dtype, numel: int, *, lr: float,
+                  weight_decay: float, beta1: float, beta2: float, maximize: bool, eps: float = 0.0,
+                  bias_correction1: float = 1.0, bias_correction2_sqrt: float = 1.0, amsgrad: bool = False) -> None:
+    """One RepOptAdamW or RepOptLion step of every job (all of `dtype`, AdamW: all at the same step count)."""
+    hyper = AdaptiveHyper(lr, weight_decay, beta1, beta2, eps, bias_correction1, bias_correction2_sqrt,
+                          int(maximize), int(amsgrad), kind)
+    threads = max(1, min(torch.get_num_threads(), numel // ELEMENTS_PER_THREAD))
+    array = (AdaptiveJob * len(jobs))(*jobs)
+    if load().repopt_adaptive_step(array, len(jobs), ctypes.byref(hyper), int(dtype == torch.float64), threads) < 0:
+        raise RuntimeError("the native RepOpt kernel refused a weight that prepare_adaptive() accepted (a bug)")

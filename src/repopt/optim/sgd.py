@@ -58,11 +58,8 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
         """
         if scratch_bytes < 0:
             raise ValueError(f"scratch_bytes must be >= 0, got {scratch_bytes}")
-        if native is True and not native_kernel.available():
-            raise RuntimeError(f"RepOptSGD(native=True): the native kernel is unavailable "
-                               f"({native_kernel.build_error() or 'turned off by REPOPT_NATIVE'})")
-        self.scratch_bytes, self.compiled, self.native = int(scratch_bytes), bool(compiled), native
-        self._native_jobs: dict[Tensor, tuple] = {}  # per weight: (dtype, strides, device), its prepared job
+        self.scratch_bytes, self.compiled = int(scratch_bytes), bool(compiled)
+        self._init_native(native)
         self._init_multipliers(grad_mults)
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                          nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
@@ -96,7 +93,7 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
                     if self._compilable(group, p, mult, buf):
                         compiled.append((p, mult, buf))
                         continue
-                    prepared = self._native_job(p, mult) if use_native else None
+                    prepared = self._native_job(p, mult, native_kernel.prepare) if use_native else None
                     if prepared is not None and native_kernel.takes(p, grad, buf):
                         native.append((p, buf, prepared[0]))
                         continue
@@ -138,20 +135,6 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
                     self.state[p]["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
                 self._step_in_blocks(group, [(p, m, None) for p, m, _ in first], first_step=True)
         return loss
-
-    def _native_allowed(self, group) -> bool:
-        """The native kernel: not asked off, built here, no AMP unscaling pending, not traced by torch.compile."""
-        return (self.native is not False and not group["differentiable"]
-                and getattr(self, "grad_scale", None) is None and getattr(self, "found_inf", None) is None
-                and not torch.compiler.is_compiling() and native_kernel.available())
-
-    def _native_job(self, p: Tensor, mult):
-        """p's prepared native job and tap table (None: not for the kernel), kept until p's dtype or layout changes."""
-        key = (p.dtype, p.stride(), p.device)
-        cached = self._native_jobs.get(p)
-        if cached is None or cached[0] != key:
-            cached = self._native_jobs[p] = (key, native_kernel.prepare(p, mult))
-        return cached[1]
 
     def _step_native(self, group, items: list) -> None:
         """The default path on CPU: one native call updates every float32/float64 target weight of the group."""

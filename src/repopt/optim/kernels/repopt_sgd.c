@@ -2,8 +2,7 @@
  *
  * Built on first use by repopt/optim/native.py with the machine's C compiler (plain C, no torch headers, so it
  * compiles in about a second) and called through ctypes, which releases the GIL. Python passes one job per target
- * weight; the rows of all jobs are split evenly (by elements) over `nthreads` threads: OpenMP's when built with
- * -fopenmp (then torch's own pool, see repopt_sgd_step), POSIX threads started per call otherwise.
+ * weight; the rows of all jobs are split evenly over threads (DEFINE_PARALLEL in common.h).
  *
  * A weight (C_out, C_in/groups, kh, kw) is seen as C_out rows of row_len = C_in/groups * taps elements (taps = kh*kw).
  * The multiplier of an element is table[row * taps + tap] (the tap table: the sum of alpha^2 over the branches that
@@ -17,21 +16,7 @@
  *     p -= lr * d
  * float32 weights are computed in float32, float64 weights in float64.
  */
-#include <pthread.h>
-#ifdef _OPENMP
-#include <omp.h>
-#endif
-#include <stdint.h>
-#include <string.h>
-
-/* One copy of the row loops per instruction set, picked when the library loads: AVX2+FMA where the CPU has it (the
- * update is compute-bound on SSE2's 4-wide vectors), the baseline elsewhere. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
-#define CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define CLONES
-#endif
-#define INLINE static inline __attribute__((always_inline))
+#include "common.h"
 
 #define MAX_PERIOD 1024 /* the longest repeated multiplier a row builds on the stack (and the most taps a kernel has) */
 
@@ -49,14 +34,6 @@ typedef struct {
     double lr, weight_decay, momentum, dampening;
     int64_t nesterov, maximize;
 } repopt_hyper;
-
-typedef struct {
-    const repopt_job *jobs;
-    int64_t njobs;
-    const repopt_hyper *h;
-    int64_t lo, hi;        /* this thread's rows: those whose first element index lies in [lo, hi) */
-    int is_double;
-} repopt_slice;
 
 /* The update of n elements; M is the multiplier of element k (an array read or one value). The flags are loop
  * invariants: each case is its own loop so that every loop vectorises. */
@@ -155,61 +132,14 @@ static void rows_##S(const repopt_job *j, int64_t r0, int64_t r1, const repopt_h
 DEFINE_KERNELS(f32, float)
 DEFINE_KERNELS(f64, double)
 
-static void *run_slice(void *arg) {
-    const repopt_slice *s = (const repopt_slice *)arg;
-    int64_t base = 0;
-    for (int64_t i = 0; i < s->njobs; ++i) {
-        const repopt_job *j = &s->jobs[i];
-        int64_t size = j->rows * j->row_len;
-        if (base + size > s->lo && base < s->hi) { /* rows r with base + r * row_len in [lo, hi) */
-            int64_t r0 = s->lo <= base ? 0 : (s->lo - base + j->row_len - 1) / j->row_len;
-            int64_t r1 = (s->hi - base + j->row_len - 1) / j->row_len;
-            if (r1 > j->rows) r1 = j->rows;
-            if (r0 < r1) {
-                if (s->is_double) rows_f64(j, r0, r1, s->h);
-                else rows_f32(j, r0, r1, s->h);
-            }
-        }
-        base += size;
-    }
-    return 0;
-}
+DEFINE_PARALLEL(sgd_parallel, repopt_job, repopt_hyper, rows)
 
 /* Returns -1 (having touched nothing) when a job is malformed (more taps than MAX_PERIOD, a row that is not whole
- * taps); else 0, or the number of threads that could not be started (their rows were done by the calling thread). */
+ * taps); else what sgd_parallel returns. */
 int repopt_sgd_step(const repopt_job *jobs, int64_t njobs, const repopt_hyper *h, int is_double, int nthreads) {
-    int64_t total = 0;
     for (int64_t i = 0; i < njobs; ++i) {
         if (jobs[i].taps < 1 || jobs[i].taps > MAX_PERIOD || jobs[i].row_len < 1 || jobs[i].row_len % jobs[i].taps)
             return -1;
-        total += jobs[i].rows * jobs[i].row_len;
     }
-    if (nthreads < 1) nthreads = 1;
-    if (nthreads > 64) nthreads = 64;
-#ifdef _OPENMP
-    /* built with -fopenmp: the libgomp that torch has already loaded (same soname), i.e. torch's own warm thread pool,
-     * so the kernel neither starts threads nor competes with torch's spinning workers */
-    int failed = 0;
-#pragma omp parallel num_threads(nthreads)
-    {
-        int t = omp_get_thread_num(), n = omp_get_num_threads();
-        repopt_slice slice = {jobs, njobs, h, total * t / n, total * (t + 1) / n, is_double};
-        run_slice(&slice);
-    }
-    return failed;
-#else
-    repopt_slice slices[64];
-    pthread_t threads[64];
-    int started[64] = {0}, failed = 0;
-    for (int t = 0; t < nthreads; ++t)
-        slices[t] = (repopt_slice){jobs, njobs, h, total * t / nthreads, total * (t + 1) / nthreads, is_double};
-    for (int t = 1; t < nthreads; ++t)
-        started[t] = pthread_create(&threads[t], 0, run_slice, &slices[t]) == 0;
-    run_slice(&slices[0]);
-    for (int t = 1; t < nthreads; ++t) {
-        if (started[t]) pthread_join(threads[t], 0);
-        else { run_slice(&slices[t]); ++failed; }
-    }
-    return failed;
-#endif
+    return sgd_parallel(jobs, njobs, h, is_double, nthreads);
 }

@@ -26,6 +26,8 @@ def test_quick_bench_reports_every_key(capsys):
     # the default path on CPU is the native kernel where it builds, and then the eager path is timed beside it
     assert d["optimizer"]["path"] == ("native" if native.available() else "eager")
     assert ("repopt_sgd_eager" in d["optimizer"]) == native.available()
+    a = d["adaptive_optimizers"]
+    assert a["adamw_ratio"] > 0 and a["lion_ratio"] > 0 and a["path"] == d["optimizer"]["path"]
     assert {"plain", "repopt", "repvgg"} <= set(d["training"][0])
     assert d["memory"][0]["repopt"]["peak_bytes"] > 0
 

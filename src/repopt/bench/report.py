@@ -41,6 +41,16 @@ def format_report(r: dict) -> str:
             lines.append(f"{'  ... with compiled=True':34s} {c['ratio']:7.3f}  {'':8s} {'':4s} "
                          f"{1e3 * c['median_s']:.1f} ms per step after {c['compile_seconds']:.1f} s of compiling"
                          + (" (compile failed: eager fallback)" if c["fell_back_to_eager"] else ""))
+    a = d.get("adaptive_optimizers")
+    if a:
+        def row(name, rep, base, ratio, eager):
+            extra = f" (eager path {a[eager]:.2f}, {1e3 * a[rep + '_eager']['median_s']:.1f} ms)" if eager in a else ""
+            return (f"  {name:32s} {a[ratio]:7.3f}  {1e3 * a[rep]['median_s']:.1f} ms vs "
+                    f"{1e3 * a[base]['median_s']:.1f} ms per step{extra}")
+        lines += ["", f"other optimizers ({a['arch']}, same gradients, {a['path']} path; not among the claimed figures)",
+                  row("RepOptAdamW / torch AdamW fused", "repopt_adamw", "torch_adamw", "adamw_ratio",
+                      "adamw_eager_ratio"),
+                  row("RepOptLion / Lion", "repopt_lion", "lion", "lion_ratio", "lion_eager_ratio")]
     lines += ["", "training steps (forward + backward + step; median over interleaved rounds)",
               f"{'arch':16s} {'size':>5s} {'batch':>5s} {'method':7s} {'ms/step':>9s} {'images/s':>9s}"]
     for t in d["training"]:

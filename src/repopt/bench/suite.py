@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from .adaptive import adaptive_steps
 from .memory import peak_memory
 from .optimizer import optimizer_step
 from .timing import environment, load_average
@@ -45,6 +46,7 @@ class SuiteConfig:
     optimizer_arch: str = "repopt_vgg_b1"
     optimizer_repeats: int = 15
     optimizer_compiled: bool = True  # also time RepOptSGD(compiled=True) (compiles for ~10 s on a CPU)
+    adaptive_repeats: int = 7  # RepOptAdamW / RepOptLion steps against torch AdamW / Lion (details only); 0: skip
     num_classes: int = 1000
     train: list[TrainSetting] = field(default_factory=lambda: [
         TrainSetting("repopt_vgg_b1", 32, 64, 7),
@@ -57,12 +59,14 @@ class SuiteConfig:
     def quick(cls) -> "SuiteConfig":
         """Seconds, for tests and a first look: the tiny preset, small batches."""
         return cls(optimizer_arch="repopt_vgg_tiny", optimizer_repeats=5, optimizer_compiled=False, num_classes=10,
+                   adaptive_repeats=3,
                    train=[TrainSetting("repopt_vgg_tiny", 32, 8, 3)], memory_steps=1, memory_repeats=1)
 
 
 def _count_units(cfg: SuiteConfig) -> int:
     """Progress units: optimizer rounds, training rounds, memory processes."""
-    return (cfg.optimizer_repeats + 2 + sum(s.repeats + 1 for s in cfg.train)
+    return (cfg.optimizer_repeats + 2 + (cfg.adaptive_repeats + 2 if cfg.adaptive_repeats else 0)
+            + sum(s.repeats + 1 for s in cfg.train)
             + 2 * cfg.memory_repeats * len(cfg.train))
 
 
@@ -80,6 +84,8 @@ def run_suite(cfg: SuiteConfig | None = None, device="cpu", progress: bool = Fal
         env = environment(device)
         opt = optimizer_step(cfg.optimizer_arch, cfg.num_classes, cfg.optimizer_repeats, device=device, sync=sync,
                              progress=tick, compiled=cfg.optimizer_compiled)
+        adaptive = None if not cfg.adaptive_repeats else adaptive_steps(
+            cfg.optimizer_arch, cfg.num_classes, cfg.adaptive_repeats, device=device, sync=sync, progress=tick)
         trains = [training_steps(s.arch, s.image_size, s.batch_size, s.repeats, s.methods, cfg.num_classes,
                                  device=device, sync=sync, progress=tick) for s in cfg.train]
         mems = [] if device.type != "cpu" else [
@@ -102,7 +108,7 @@ def run_suite(cfg: SuiteConfig | None = None, device="cpu", progress: bool = Fal
         "targets": {k: f"{c} {b}" for k, (c, b) in TARGETS.items()},
         "environment": env,
         "config": asdict(cfg),
-        "details": {"optimizer": opt, "training": trains, "memory": mems},
+        "details": {"optimizer": opt, "adaptive_optimizers": adaptive, "training": trains, "memory": mems},
     }
     result["met"] = {k: met(k, result[k]) for k in KEYS}
     return result

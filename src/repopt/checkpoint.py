@@ -44,8 +44,12 @@ def load_error_reason(e: BaseException) -> tuple[bool, str]:
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename over `path`: a crash or a full disk never leaves `path` half-written."""
+    """Call write(tmp_path), then rename over `path`: a crash or a full disk never leaves `path` half-written.
+
+    Temporary files that a killed process left beside `path` (their pid no longer runs) are removed first.
+    """
     path = Path(path)
+    _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
         write(tmp)
@@ -53,6 +57,24 @@ def atomic_write(path: Path, write) -> None:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    prefix = f".{path.name}.tmp"
+    try:
+        candidates = [p for p in path.parent.iterdir() if p.name.startswith(prefix)]
+    except OSError:
+        return
+    for tmp in candidates:
+        pid = tmp.name[len(prefix):]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:  # its writer is gone: a leftover of a crash, never read by anyone
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # alive (or not ours to probe): leave it
 
 
 def write_error_reason(e: BaseException) -> str:

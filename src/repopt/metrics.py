@@ -11,8 +11,11 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool = True, keep_epochs: int = 0):
         self.path, self.enabled = Path(path), enabled
         if enabled:
+            from .checkpoint import atomic_write
+
             kept = [r for r in read_metrics(self.path) if r.get("epoch", 0) <= keep_epochs] if keep_epochs else []
-            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            text = "".join(json.dumps(r) + "\n" for r in kept)
+            atomic_write(self.path, lambda tmp: tmp.write_text(text))  # a crash here keeps the old lines
 
     def write(self, record: dict) -> None:
         if self.enabled:
@@ -21,10 +24,22 @@ class MetricsLog:
 
 
 def read_metrics(path: Path) -> list[dict]:
+    """The records of a metrics file; a last line cut short (a process killed while appending) is dropped."""
     path = Path(path)
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    records = []
+    for i, line in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break
+            from .checkpoint import CheckpointError  # the run directory's files share one error for the CLI
+
+            raise CheckpointError(f"{path}: line {i + 1} is not a JSON record (edit or remove the file)") from None
+    return records
 
 
 def plot_curves(runs: dict[str, Path], path: Path, quiet: bool = False) -> Path | None:

@@ -236,3 +236,18 @@ def test_a_read_only_cache_falls_back_to_a_private_temp_dir(monkeypatch, tmp_pat
     built.parent.chmod(0o777)  # somebody else could plant a library there: refused
     with pytest.raises(RuntimeError, match="not private to this user"):
         native._build()
+
+
+def test_every_kernel_file_ships_in_the_wheel():
+    """A non-editable install has only the files pyproject's package-data names: the kernel sources and headers must
+    all match it, or the kernels would not build outside this checkout."""
+    import fnmatch
+    import tomllib
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["repopt"]
+    package = root / "src" / "repopt"
+    for f in [*native.SOURCES, *native.HEADERS, *native.KERNELS.iterdir()]:
+        rel = f.resolve().relative_to(package).as_posix()
+        assert any(fnmatch.fnmatch(rel, p) for p in patterns), f"{rel} is not in package-data"

@@ -252,3 +252,20 @@ def test_every_kernel_file_ships_in_the_wheel():
     for f in [*native.SOURCES, *native.HEADERS, *native.KERNELS.iterdir()]:
         rel = f.resolve().relative_to(package).as_posix()
         assert any(fnmatch.fnmatch(rel, p) for p in patterns), f"{rel} is not in package-data"
+
+
+@needs_compiler
+def test_tensor_subclasses_take_the_eager_path(monkeypatch):
+    """A subclass (DTensor, a wrapper) may not own the memory data_ptr() names: the kernels never see one."""
+    class Wrapped(torch.Tensor):
+        pass
+
+    w = nn.Parameter(torch.randn(8, 8, 3, 3, dtype=torch.float64))
+    mult = _branch_set(8, 8, 3, 1, ("3x3", "1x1", "identity"), seed=8)
+    opt = RepOptSGD([w], lr=0.1, momentum=0.9, grad_mults={w: mult})
+    calls = []
+    monkeypatch.setattr(native, "sgd_step", lambda *a, **k: calls.append(a))
+    w.grad = torch.randn(8, 8, 3, 3, dtype=torch.float64).as_subclass(Wrapped)
+    opt.step()
+    assert not calls
+    assert native.prepare(torch.zeros(8, 8, 3, 3).as_subclass(Wrapped), mult) is None

@@ -176,6 +176,10 @@ def build_error() -> str | None:
 MAX_TAPS = 1024  # MAX_PERIOD in the C source: kernels of up to 1024 taps (32x32)
 
 
+# tensor subclasses (DTensor, wrappers) may not own the memory their data_ptr() names: only plain tensors go native
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+
+
 def _layout(t: Tensor) -> str | None:
     if t.is_contiguous():
         return "contiguous"
@@ -185,8 +189,9 @@ def _layout(t: Tensor) -> str | None:
 def _geometry_fields(p: Tensor, mult) -> tuple[int, int, int, int, int, int] | None:
     """(rows, row_len, taps, diag_group, diag_centre, channels_last) of a weight the kernels take, else None: dense
     float32/float64 CPU weights with branch scales, contiguous or channels_last."""
-    if not (isinstance(mult, BranchSet) and p.device.type == "cpu" and p.dtype in (torch.float32, torch.float64)
-            and p.ndim == 4 and p.shape[2] * p.shape[3] <= MAX_TAPS and p.numel() > 0):
+    if not (isinstance(mult, BranchSet) and type(p) in _PLAIN and p.device.type == "cpu"
+            and p.dtype in (torch.float32, torch.float64) and p.ndim == 4 and p.shape[2] * p.shape[3] <= MAX_TAPS
+            and p.numel() > 0):
         return None
     layout = _layout(p)
     if layout is None:
@@ -234,8 +239,8 @@ def prepare_adaptive(p: Tensor, mult, kind: int) -> tuple[AdaptiveJob, Tensor] |
 def takes(p: Tensor, grad: Tensor, *state: Tensor | None) -> bool:
     """Can a prepared weight's step run natively with this gradient and these state tensors (None: absent)?"""
     stride = p.stride()
-    return (grad.dtype == p.dtype and grad.stride() == stride
-            and all(t is None or (t.dtype == p.dtype and t.stride() == stride) for t in state))
+    return (type(grad) in _PLAIN and grad.dtype == p.dtype and grad.stride() == stride
+            and all(t is None or (type(t) in _PLAIN and t.dtype == p.dtype and t.stride() == stride) for t in state))
 
 
 def bind(job: Job, p: Tensor, buf: Tensor | None, first: bool) -> Job:

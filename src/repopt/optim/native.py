@@ -1,14 +1,16 @@
-"""RepOptSGD's native CPU kernel (kernels/repopt_sgd.c): build it once per machine, load it, call it.
+"""The native CPU kernels (kernels/*.c) of RepOptSGD, RepOptAdamW and RepOptLion: build them once per machine, load
+them, call them.
 
 Why native: torch's fused CPU SGD reads p, G and the momentum buffer once and writes p and the buffer once. Any eager
 way of forming M * G first adds a pass over G and a dozen small ops per weight (~2x a fused step, docs/benchmarks.md).
 The C kernel does the multiply inside the update, so a RepOptSGD step costs about what torch's fused SGD step costs.
 
-The kernel is plain C (no torch headers): the machine's C compiler builds it in about a second, into a cache directory
-($REPOPT_CACHE_DIR, else $XDG_CACHE_HOME/repopt, else ~/.cache/repopt; a private directory in the temp dir where that
-is read-only), under a name that hashes the source, the compiler and the flags; the file is written under a temporary
-name and renamed, so concurrent processes (DDP ranks) never load half a file. Without a working compiler `available()`
-is False and RepOptSGD keeps its eager path, which is exact as well. REPOPT_NATIVE=0 turns the kernel off.
+The kernels are plain C (no torch headers): the machine's C compiler builds them in a few seconds, once, into a cache
+directory ($REPOPT_CACHE_DIR, else $XDG_CACHE_HOME/repopt, else ~/.cache/repopt; a private directory in the temp dir
+where that is read-only), under a name that hashes the sources, the compiler and the flags; the file is written under
+a temporary name and renamed, so concurrent processes (DDP ranks) never load half a file. Without a working compiler
+`available()` is False and the optimizers keep their eager paths, which are exact as well. REPOPT_NATIVE=0 turns the
+kernels off.
 """
 from __future__ import annotations
 

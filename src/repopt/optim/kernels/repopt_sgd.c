@@ -1,7 +1,7 @@
 /* RepOptSGD's native CPU kernel: M * G and torch's SGD update in one pass over p, G and the momentum buffer.
  *
  * Built on first use by repopt/optim/native.py with the machine's C compiler (plain C, no torch headers, so it
- * compiles in about a second) and called through ctypes, which releases the GIL. Python passes one job per target
+ * compiles in seconds) and called through ctypes, which releases the GIL. Python passes one job per target
  * weight; the rows of all jobs are split evenly over threads (DEFINE_PARALLEL in common.h).
  *
  * A weight (C_out, C_in/groups, kh, kw) is seen as C_out rows of row_len = C_in/groups * taps elements (taps = kh*kw).

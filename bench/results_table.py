@@ -1,4 +1,5 @@
-"""Summarize several `repopt pipeline` runs (one per seed) into the markdown table of docs/results.md.
+"""Summarize several `repopt pipeline` runs (one per seed) into the markdown table of docs/results.md, and compare
+the first method with the others seed by seed.
 
     python bench/results_table.py runs/seed0 runs/seed1 runs/seed2
 """
@@ -29,6 +30,24 @@ def main(dirs: list[str]) -> None:
               + (f" {' / '.join(map(str, errors))} |" if digits else ""))
     hs = [r["hs_top1"] for r in reports]
     print(f"\nhyper-search model top-1 per seed: {' / '.join(f'{t:.2f}' for t in hs)}")
+    if len(reports) > 1:
+        _paired(reports, [row["method"] for row in first["results"]])
+
+
+def _paired(reports: list[dict], methods: list[str]) -> None:
+    """The first method against each other one, seed by seed: mean difference, its standard error, wins/ties/losses."""
+    def top1(r, m):
+        return next(x for x in r["results"] if x["method"] == m)["top1"]
+
+    base = methods[0]
+    print()
+    for other in methods[1:]:
+        diffs = [top1(r, base) - top1(r, other) for r in reports]
+        se = statistics.stdev(diffs) / len(diffs) ** 0.5
+        wins, ties = sum(d > 0 for d in diffs), sum(d == 0 for d in diffs)
+        print(f"{base} - {other}, paired by seed: mean {statistics.mean(diffs):+.2f} points (standard error "
+              f"{se:.2f}), median {statistics.median(diffs):+.2f}; {base} ahead in {wins}, tied in {ties}, behind in "
+              f"{len(diffs) - wins - ties} of {len(diffs)} seeds")
 
 
 if __name__ == "__main__":

@@ -97,12 +97,11 @@ class RepOptAdamW(RepOptMixin, torch.optim.AdamW):
         calls: dict[tuple, list] = {}
         for p, state, job in fast:
             state["step"] += 1
-            entry = calls.setdefault((p.dtype, float(state["step"])), [[], 0])
-            entry[0].append(native_kernel.bind_adaptive(job, p, p.grad, state["exp_avg"], state["exp_avg_sq"],
-                                                        state.get("max_exp_avg_sq")))
-            entry[1] += p.numel()
-        for (dtype, step), (jobs, numel) in calls.items():
-            native_kernel.adaptive_step(jobs, native_kernel.ADAMW, dtype, numel, lr=lr,
+            calls.setdefault((p.dtype, float(state["step"])), []).append(
+                native_kernel.bind_adaptive(job, p, p.grad, state["exp_avg"], state["exp_avg_sq"],
+                                            state.get("max_exp_avg_sq")))
+        for (dtype, step), jobs in calls.items():
+            native_kernel.adaptive_step(jobs, native_kernel.ADAMW, dtype, lr=lr,
                                         weight_decay=float(group["weight_decay"]), beta1=beta1, beta2=beta2,
                                         eps=float(group["eps"]), maximize=group["maximize"],
                                         bias_correction1=1 - beta1 ** step,

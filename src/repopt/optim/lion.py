@@ -55,9 +55,7 @@ class RepOptLion(RepOptMixin, torch.optim.Optimizer):
                 exp_avg = state["exp_avg"]
                 job = self._native_job(p, mult, _prepare) if use_native and mult is not None else None
                 if job is not None and native_kernel.takes(p, p.grad, exp_avg):
-                    entry = fast.setdefault(p.dtype, [[], 0])
-                    entry[0].append(native_kernel.bind_adaptive(job[0], p, p.grad, exp_avg))
-                    entry[1] += p.numel()
+                    fast.setdefault(p.dtype, []).append(native_kernel.bind_adaptive(job[0], p, p.grad, exp_avg))
                     continue
                 grad = -p.grad if group["maximize"] else p.grad
                 if wd != 0:
@@ -67,8 +65,8 @@ class RepOptLion(RepOptMixin, torch.optim.Optimizer):
                     mult.multiply_rows(update, 0, update, power=1)  # in place: no second temporary
                 p.add_(update, alpha=-lr)
                 exp_avg.mul_(beta2).add_(grad, alpha=1 - beta2)
-            for dtype, (jobs, numel) in fast.items():
-                native_kernel.adaptive_step(jobs, native_kernel.LION, dtype, numel, lr=float(lr),
+            for dtype, jobs in fast.items():
+                native_kernel.adaptive_step(jobs, native_kernel.LION, dtype, lr=float(lr),
                                             weight_decay=float(wd), beta1=beta1, beta2=beta2,
                                             maximize=group["maximize"])
         return loss

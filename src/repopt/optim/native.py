@@ -110,10 +110,10 @@ def _build() -> Path:
         raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
     version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
     directory = _writable_dir()
+    text = b"".join(f.read_bytes() for f in [*SOURCES, *HEADERS]) + version.encode()
     errors = []
     for flags in (FLAGS + OPENMP_FLAGS, FLAGS):
-        text = b"".join(f.read_bytes() for f in [*SOURCES, *HEADERS])
-        key = hashlib.sha256(text + version.encode() + " ".join(flags).encode()).hexdigest()[:16]
+        key = hashlib.sha256(text + " ".join(flags).encode()).hexdigest()[:16]
         target = directory / f"repopt_kernels-{key}.so"
         if target.exists():
             return target
@@ -251,16 +251,22 @@ def bind(job: Job, p: Tensor, buf: Tensor | None, first: bool) -> Job:
     return job
 
 
-def sgd_step(jobs: list[Job], group: dict, dtype: torch.dtype, numel: int) -> None:
+def _launch(entry, job_type, jobs: list, hyper, dtype: torch.dtype, prepared_by: str) -> None:
+    """Run one kernel entry point over `jobs` (all of `dtype`), on as many of torch's threads as their size is worth."""
+    numel = sum(j.rows * j.row_len for j in jobs)
+    threads = max(1, min(torch.get_num_threads(), numel // ELEMENTS_PER_THREAD))
+    array = (job_type * len(jobs))(*jobs)
+    if entry(array, len(jobs), ctypes.byref(hyper), int(dtype == torch.float64), threads) < 0:
+        raise RuntimeError(f"the native RepOpt kernel refused a weight that {prepared_by}() accepted (a bug)")
+
+
+def sgd_step(jobs: list[Job], group: dict, dtype: torch.dtype) -> None:
     """One SGD step of every job (all of `dtype`) with the hyper-parameters of `group`."""
     lr = group["lr"]
     hyper = Hyper(float(lr.item() if isinstance(lr, Tensor) else lr), float(group["weight_decay"]),
                   float(group["momentum"]), float(group["dampening"]), int(bool(group["nesterov"])),
                   int(bool(group["maximize"])))
-    threads = max(1, min(torch.get_num_threads(), numel // ELEMENTS_PER_THREAD))
-    array = (Job * len(jobs))(*jobs)
-    if load().repopt_sgd_step(array, len(jobs), ctypes.byref(hyper), int(dtype == torch.float64), threads) < 0:
-        raise RuntimeError("the native RepOptSGD kernel refused a weight layout that prepare() accepted (a bug)")
+    _launch(load().repopt_sgd_step, Job, jobs, hyper, dtype, "prepare")
 
 
 def bind_adaptive(job: AdaptiveJob, p: Tensor, grad: Tensor, m: Tensor, v: Tensor | None = None,
@@ -270,13 +276,10 @@ def bind_adaptive(job: AdaptiveJob, p: Tensor, grad: Tensor, m: Tensor, v: Tenso
     return job
 
 
-def adaptive_step(jobs: list[AdaptiveJob], kind: int, dtype: torch.dtype, numel: int, *, lr: float,
-                  weight_decay: float, beta1: float, beta2: float, maximize: bool, eps: float = 0.0,
-                  bias_correction1: float = 1.0, bias_correction2_sqrt: float = 1.0, amsgrad: bool = False) -> None:
+def adaptive_step(jobs: list[AdaptiveJob], kind: int, dtype: torch.dtype, *, lr: float, weight_decay: float,
+                  beta1: float, beta2: float, maximize: bool, eps: float = 0.0, bias_correction1: float = 1.0,
+                  bias_correction2_sqrt: float = 1.0, amsgrad: bool = False) -> None:
     """One RepOptAdamW or RepOptLion step of every job (all of `dtype`, AdamW: all at the same step count)."""
     hyper = AdaptiveHyper(lr, weight_decay, beta1, beta2, eps, bias_correction1, bias_correction2_sqrt,
                           int(maximize), int(amsgrad), kind)
-    threads = max(1, min(torch.get_num_threads(), numel // ELEMENTS_PER_THREAD))
-    array = (AdaptiveJob * len(jobs))(*jobs)
-    if load().repopt_adaptive_step(array, len(jobs), ctypes.byref(hyper), int(dtype == torch.float64), threads) < 0:
-        raise RuntimeError("the native RepOpt kernel refused a weight that prepare_adaptive() accepted (a bug)")
+    _launch(load().repopt_adaptive_step, AdaptiveJob, jobs, hyper, dtype, "prepare_adaptive")

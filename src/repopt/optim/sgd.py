@@ -144,11 +144,9 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
             first = momentum and buf is None
             if first:  # zeros, not empty: the kernel overwrites it, but never reads uninitialised memory
                 buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-            entry = by_dtype.setdefault(p.dtype, [[], 0])
-            entry[0].append(native_kernel.bind(job, p, buf, first))
-            entry[1] += p.numel()
-        for dtype, (jobs, numel) in by_dtype.items():
-            native_kernel.sgd_step(jobs, group, dtype, numel)
+            by_dtype.setdefault(p.dtype, []).append(native_kernel.bind(job, p, buf, first))
+        for dtype, jobs in by_dtype.items():
+            native_kernel.sgd_step(jobs, group, dtype)
 
     def _compilable(self, group, p: Tensor, mult, buf: Tensor | None) -> bool:
         """The compiled path takes contiguous weights with branch scales once their momentum buffer exists."""

@@ -64,12 +64,15 @@ class RepOptMixin:
         self.native = native
         self._native_jobs: dict[Tensor, tuple] = {}  # per weight: (dtype, strides, device), its prepared job
 
+    def _unscale_pending(self) -> bool:
+        """Has GradScaler handed this (fused) optimizer a scale to divide by and an inf flag to honour this step?"""
+        return getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None
+
     def _native_allowed(self, group) -> bool:
         """The native kernels: not asked off, built here, no AMP unscaling pending, not traced by torch.compile."""
         from . import native as native_kernel
 
-        return (self.native is not False and not group.get("differentiable", False)
-                and getattr(self, "grad_scale", None) is None and getattr(self, "found_inf", None) is None
+        return (self.native is not False and not group.get("differentiable", False) and not self._unscale_pending()
                 and not torch.compiler.is_compiling() and native_kernel.available())
 
     def _native_job(self, p: Tensor, mult, prepare):

@@ -151,9 +151,8 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
     def _compilable(self, group, p: Tensor, mult, buf: Tensor | None) -> bool:
         """The compiled path takes contiguous weights with branch scales once their momentum buffer exists."""
         return (self.compiled and isinstance(mult, BranchSet) and not group["differentiable"]
-                and getattr(self, "grad_scale", None) is None and getattr(self, "found_inf", None) is None
-                and (buf is not None or group["momentum"] == 0) and p.is_contiguous() and p.grad.is_contiguous()
-                and (buf is None or buf.is_contiguous()))
+                and not self._unscale_pending() and (buf is not None or group["momentum"] == 0)
+                and p.is_contiguous() and p.grad.is_contiguous() and (buf is None or buf.is_contiguous()))
 
     def _step_in_blocks(self, group, blocked: list, first_step: bool = False) -> None:
         """The default path: M * G block by block into a small scratch, each full scratch one `sgd` call.
@@ -196,8 +195,7 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
                 self._flush(group, batch, targets)
 
     def _flush(self, group, batch, targets) -> None:
-        if group["fused"] and not targets and getattr(self, "grad_scale", None) is None \
-                and getattr(self, "found_inf", None) is None and not torch.jit.is_scripting():
+        if group["fused"] and not targets and not self._unscale_pending() and not torch.jit.is_scripting():
             # what torch's functional sgd(fused=True) calls for one device and dtype, without its per-call overhead
             # (this runs once per scratch fill); buffers exist here, so this is never a first step
             torch._fused_sgd_(batch[0], batch[1], batch[2], weight_decay=group["weight_decay"],

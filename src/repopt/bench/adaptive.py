@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import torch
 
+from .optimizer import _same_gradients
 from .timing import interleaved, paired_ratio, summary
 from .workloads import arch_name, bench_scales, create
 
@@ -36,11 +37,7 @@ def adaptive_steps(arch, num_classes: int, repeats: int, device="cpu", scales=No
         variants["repopt_adamw_eager"] = RepOptAdamW.from_scales(model(), scales, fused=True, native=False,
                                                                  **ADAMW_FLAGS).step
         variants["repopt_lion_eager"] = RepOptLion.from_scales(model(), scales, native=False, **LION_FLAGS).step
-    g = torch.Generator().manual_seed(0)
-    for params in zip(*(m.parameters() for m in models)):
-        grad = torch.randn(params[0].shape, generator=g).to(params[0].device, params[0].dtype)
-        for p in params:
-            p.grad = grad.clone()
+    _same_gradients(models)
     times = interleaved(variants, repeats, warmup=2, sync=sync, progress=progress)
     out = {"arch": arch_name(arch), "path": "native" if native_here else "eager",
            **{k: summary(v) for k, v in times.items()},

@@ -182,31 +182,35 @@ class BranchSet:
         return f"BranchSet({self.name}, {self.geometry.weight_shape}, branches={self.branch_names})"
 
     # ---- the multipliers ---------------------------------------------------------------------------------------
-    def tap_table(self, power: int, device=None, dtype=torch.float64) -> Tensor:
-        """(C_out, 1, kh, kw): sum_b |alpha_b|^power on each branch's support (power 2 gives alpha_b^2)."""
-        key = (power, torch.device(device) if device is not None else torch.device("cpu"), dtype)
+    def _cached(self, name, device, dtype, build) -> Tensor:
+        """A per-channel table built once in float64 by `build()`, kept per (name, device, dtype)."""
+        key = (name, torch.device(device) if device is not None else torch.device("cpu"), dtype)
         table = self._tables.get(key)
         if table is None:
+            table = self._tables[key] = build().to(device=key[1], dtype=dtype).contiguous()
+        return table
+
+    def tap_table(self, power: int, device=None, dtype=torch.float64) -> Tensor:
+        """(C_out, 1, kh, kw): sum_b |alpha_b|^power on each branch's support (power 2 gives alpha_b^2)."""
+        def build():
             table = torch.zeros(self.geometry.out_channels, 1, *self.geometry.kernel_size, dtype=torch.float64)
             for branch, alpha in self.conv_scales.items():
                 ys, xs = _support(self.geometry, branch_kernel_size(branch))
                 table[:, :, ys, xs] += alpha.abs().pow(power).view(-1, 1, 1, 1)
-            table = self._tables[key] = table.to(device=key[1], dtype=dtype)
-        return table
+            return table
+        return self._cached(power, device, dtype, build)
 
     def support_tables(self, device=None, dtype=torch.float64) -> Tensor:
         """(conv branches, C_out, kh*kw): |alpha_b| on branch b's support, 0 elsewhere (what the native AdamW kernel
         evaluates U of (4) from)."""
-        key = ("support", torch.device(device) if device is not None else torch.device("cpu"), dtype)
-        table = self._tables.get(key)
-        if table is None:
-            kh, kw = self.geometry.kernel_size
-            table = torch.zeros(len(self.conv_scales), self.geometry.out_channels, kh, kw, dtype=torch.float64)
+        def build():
+            table = torch.zeros(len(self.conv_scales), self.geometry.out_channels, *self.geometry.kernel_size,
+                                dtype=torch.float64)
             for b, (branch, alpha) in enumerate(self.conv_scales.items()):
                 ys, xs = _support(self.geometry, branch_kernel_size(branch))
                 table[b, :, ys, xs] = alpha.abs().view(-1, 1, 1)
-            table = self._tables[key] = table.flatten(2).to(device=key[1], dtype=dtype).contiguous()
-        return table
+            return table.flatten(2)
+        return self._cached("support", device, dtype, build)
 
     def _pattern_repeat(self) -> int:
         """How many input channels one multiply pattern spans (the largest divisor of C_in/groups up to 16).

@@ -16,6 +16,14 @@ from repopt.optim import native
 needs_compiler = pytest.mark.skipif(native._compiler() is None, reason="no C compiler on this machine")
 
 
+@pytest.fixture
+def fresh_build(monkeypatch, tmp_path):
+    """The loader as in a new process (nothing built or refused yet), caching into tmp_path/cache."""
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_build_error", None)
+    monkeypatch.setenv("REPOPT_CACHE_DIR", str(tmp_path / "cache"))
+
+
 @needs_compiler
 def test_the_kernel_builds_and_loads_where_a_compiler_exists():
     assert native.available(), native.build_error()
@@ -61,20 +69,6 @@ def _run(mult, flags, dtype, channels_last, native_path, steps=3, seed=0, optimi
     return w.detach()
 
 
-@needs_compiler
-@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-@pytest.mark.parametrize("channels_last", [False, True])
-@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}g{s[3]}{'+id' * ('identity' in s[4])}")
-def test_native_step_matches_the_eager_path(shape, channels_last, dtype):
-    mult = _branch_set(*shape, seed=1)
-    tol = dict(rtol=1e-12, atol=1e-13) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
-    for flags in FLAGS:
-        eager = _run(mult, flags, dtype, channels_last, native_path=False)
-        fast = _run(mult, flags, dtype, channels_last, native_path=True)
-        assert fast.stride() == eager.stride()
-        assert torch.allclose(fast, eager, **tol), (flags, (fast - eager).abs().max().item())
-
-
 # AdamW: decay, amsgrad + maximize, a large lerp weight (torch's other lerp formula) with a large eps; Lion: decay,
 # maximize
 ADAPTIVE = [
@@ -90,12 +84,14 @@ ADAPTIVE = [
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}x{s[2]}g{s[3]}{'+id' * ('identity' in s[4])}")
-def test_native_adamw_and_lion_match_their_eager_paths(shape, channels_last, dtype):
-    mult = _branch_set(*shape, seed=6)
+@pytest.mark.parametrize("cases", [[(RepOptSGD, flags) for flags in FLAGS], ADAPTIVE], ids=["sgd", "adamw+lion"])
+def test_native_step_matches_the_eager_path(cases, shape, channels_last, dtype):
+    mult = _branch_set(*shape, seed=1)
     tol = dict(rtol=1e-12, atol=1e-13) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-6)
-    for optimizer, flags in ADAPTIVE:
+    for optimizer, flags in cases:
         eager = _run(mult, flags, dtype, channels_last, native_path=False, optimizer=optimizer)
         fast = _run(mult, flags, dtype, channels_last, native_path=True, optimizer=optimizer)
+        assert fast.stride() == eager.stride()
         assert torch.allclose(fast, eager, **tol), (optimizer.__name__, flags, (fast - eager).abs().max().item())
 
 
@@ -141,12 +137,9 @@ def test_native_path_is_taken_and_fails_the_check_when_the_multiplier_is_wrong(m
 
 @needs_compiler
 @pytest.mark.parametrize("threads", ["openmp", "pthreads"])
-def test_several_weights_and_threads_in_one_call(monkeypatch, tmp_path, threads):
+def test_several_weights_and_threads_in_one_call(fresh_build, monkeypatch, tmp_path, threads):
     """Many weights of different shapes split over threads (the per-thread minimum lowered so small weights split),
     with the library built with OpenMP (torch's pool) and without it (POSIX threads)."""
-    monkeypatch.setattr(native, "_library", None)
-    monkeypatch.setattr(native, "_build_error", None)
-    monkeypatch.setenv("REPOPT_CACHE_DIR", str(tmp_path))
     if threads == "pthreads":
         monkeypatch.setattr(native, "OPENMP_FLAGS", [])
     assert native.available(), native.build_error()
@@ -169,11 +162,8 @@ def test_several_weights_and_threads_in_one_call(monkeypatch, tmp_path, threads)
         assert torch.allclose(a, b, rtol=1e-12, atol=1e-13)
 
 
-def test_without_a_compiler_the_eager_path_runs_and_native_true_says_why(monkeypatch, tmp_path):
-    monkeypatch.setattr(native, "_library", None)
-    monkeypatch.setattr(native, "_build_error", None)
+def test_without_a_compiler_the_eager_path_runs_and_native_true_says_why(fresh_build, monkeypatch, tmp_path):
     monkeypatch.setattr(native, "_compiler", lambda: None)
-    monkeypatch.setenv("REPOPT_CACHE_DIR", str(tmp_path))
     assert not native.available()
     assert "no C compiler" in native.build_error()
     mult = _branch_set(8, 8, 3, 1, ("3x3", "1x1", "identity"), seed=3)
@@ -184,13 +174,10 @@ def test_without_a_compiler_the_eager_path_runs_and_native_true_says_why(monkeyp
 
 
 @needs_compiler
-def test_a_compile_error_is_reported_and_leaves_no_file(monkeypatch, tmp_path):
+def test_a_compile_error_is_reported_and_leaves_no_file(fresh_build, monkeypatch, tmp_path):
     bad = tmp_path / "broken.c"
     bad.write_text("this is not C\n")
-    monkeypatch.setattr(native, "_library", None)
-    monkeypatch.setattr(native, "_build_error", None)
     monkeypatch.setattr(native, "SOURCES", [bad])
-    monkeypatch.setenv("REPOPT_CACHE_DIR", str(tmp_path / "cache"))
     assert native.load() is None
     assert "could not compile broken.c" in native.build_error()
     assert list((tmp_path / "cache").iterdir()) == []
@@ -207,10 +194,7 @@ def test_repopt_native_0_turns_the_kernel_off(monkeypatch):
 
 
 @needs_compiler
-def test_the_built_library_is_cached_per_source(monkeypatch, tmp_path):
-    monkeypatch.setattr(native, "_library", None)
-    monkeypatch.setattr(native, "_build_error", None)
-    monkeypatch.setenv("REPOPT_CACHE_DIR", str(tmp_path))
+def test_the_built_library_is_cached_per_source(fresh_build, monkeypatch, tmp_path):
     first = native._build()
     stamp = first.stat().st_mtime_ns
     assert native._build() == first and first.stat().st_mtime_ns == stamp  # no rebuild
@@ -223,11 +207,9 @@ def test_the_built_library_is_cached_per_source(monkeypatch, tmp_path):
 
 
 @needs_compiler
-def test_a_read_only_cache_falls_back_to_a_private_temp_dir(monkeypatch, tmp_path):
+def test_a_read_only_cache_falls_back_to_a_private_temp_dir(fresh_build, monkeypatch, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
-    monkeypatch.setattr(native, "_library", None)
-    monkeypatch.setattr(native, "_build_error", None)
     monkeypatch.setenv("REPOPT_CACHE_DIR", str(blocker / "cache"))  # cannot be created: its parent is a file
     monkeypatch.setattr(native.tempfile, "gettempdir", lambda: str(tmp_path))
     built = native._build()

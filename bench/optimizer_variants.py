@@ -19,9 +19,9 @@ import time
 
 import torch
 
-from repopt.bench.optimizer import _same_gradients
-from repopt.bench.timing import environment, interleaved, paired_ratio, summary
-from repopt.bench.workloads import SGD_FLAGS, bench_scales, build
+from repopt.app.bench.optimizer import _same_gradients
+from repopt.app.bench.timing import environment, interleaved, paired_ratio, summary
+from repopt.app.bench.workloads import SGD_FLAGS, bench_scales, build
 from repopt.branches import diagonal_taps
 from repopt.optim import native
 

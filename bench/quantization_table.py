@@ -30,7 +30,7 @@ METHODS = ("repopt", "repvgg", "plain")
 
 def repopt_json(argv: list[str]) -> dict:
     """Run `repopt ARGV --json` in this process and return what it printed."""
-    from repopt.cli import main
+    from repopt.app.cli import main
 
     print("$ repopt " + shlex.join(argv + ["--json"]), file=sys.stderr, flush=True)
     buf = io.StringIO()

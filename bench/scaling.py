@@ -16,11 +16,11 @@ import sys
 
 import torch
 
-from repopt.bench.memory import saved_activation_bytes
-from repopt.bench.optimizer import optimizer_step
-from repopt.bench.timing import environment, load_average
-from repopt.bench.training import training_steps
-from repopt.bench.workloads import batch, build
+from repopt.app.bench.memory import saved_activation_bytes
+from repopt.app.bench.optimizer import optimizer_step
+from repopt.app.bench.timing import environment, load_average
+from repopt.app.bench.training import training_steps
+from repopt.app.bench.workloads import batch, build
 from repopt.models import VGGConfig
 
 WIDTHS = (0.25, 0.5, 1.0, 2.0)

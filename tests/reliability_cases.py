@@ -77,7 +77,7 @@ def _written(name: str, data):
 
 
 def _model_file_as_scales(ws, d):
-    from repopt.checkpoint import save_model
+    from repopt.app.checkpoint import save_model
     from repopt.models import create
 
     save_model(d / "model.safetensors", create("repopt_vgg_tiny", num_classes=10), {"arch": "repopt_vgg_tiny"})
@@ -240,7 +240,7 @@ def ckpt_other_scales(ws, d):
 
 
 def _model_file(d: Path, **config) -> Path:
-    from repopt.checkpoint import save_model
+    from repopt.app.checkpoint import save_model
     from repopt.models import create
 
     d.mkdir(parents=True, exist_ok=True)

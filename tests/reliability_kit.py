@@ -44,7 +44,7 @@ class RunsCode:
 # ---- running `repopt` ------------------------------------------------------------------------------------------
 def run_cli(argv: list[str]) -> tuple[int, str, str]:
     """`repopt ARGV` in this process: (exit code, stdout, stderr)."""
-    from repopt.cli import main
+    from repopt.app.cli import main
 
     out, err, threads = io.StringIO(), io.StringIO(), torch.get_num_threads()
     # one thread: tiny trainings gain nothing from two, and on a busy 2-core machine two OpenMP threads per process
@@ -106,7 +106,7 @@ class Workspace:
 
     @cached_property
     def run(self) -> Path:
-        import repopt.train as train_module
+        import repopt.app.train as train_module
 
         out, real_save = self.root / "run", train_module.save_checkpoint
 
@@ -255,7 +255,7 @@ def disk_full(module, name: str, error: Exception | None = None):
 @contextlib.contextmanager
 def grad_scaler_on_cpu():
     """The trainer uses a GradScaler only for fp16 on CUDA; force it on so its skip counting runs on CPU."""
-    import repopt.train as train_module
+    import repopt.app.train as train_module
 
     real = train_module.uses_grad_scaler
     train_module.uses_grad_scaler = lambda cfg, device: True
@@ -268,7 +268,7 @@ def grad_scaler_on_cpu():
 # ---- scenarios that succeed (the table reports what they did) ----------------------------------------------------
 def amp_skipped_steps(ws: Workspace, folder: Path, steps=(1, 4, 6)) -> dict:
     """Resume the workspace run with a GradScaler and overflowing gradients at these steps of epoch 2."""
-    from repopt.metrics import read_metrics
+    from repopt.app.metrics import read_metrics
 
     out = ws.copy_run(folder / "run")
     with grad_scaler_on_cpu(), faulty_loss(set(steps), "inf_grad"):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 import math
 
-from repopt.bench import KEYS
-from repopt.cli import main
+from repopt.app.bench import KEYS
+from repopt.app.cli import main
 
 
 def test_quick_bench_reports_every_key(capsys):

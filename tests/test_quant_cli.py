@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from repopt.cli import main
-from repopt.train import TrainConfig, train
+from repopt.app.cli import main
+from repopt.app.train import TrainConfig, train
 
 HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
 HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript", "onnxruntime"))
@@ -158,7 +158,7 @@ def test_export_refusals(runs, tmp_path, capsys, monkeypatch):
 def test_compare_on_test_measures_the_gap():
     import torch
 
-    from repopt.commands.quantize import compare_on_test
+    from repopt.app.commands.quantize import compare_on_test
 
     torch.manual_seed(0)
     fp32 = torch.nn.Linear(4, 3)

@@ -9,7 +9,7 @@ import pytest
 import torch
 from reliability_kit import cases, run_case
 
-from repopt.checkpoint import CheckpointError, load_trained
+from repopt.app.checkpoint import CheckpointError, load_trained
 
 
 @pytest.mark.parametrize("case", cases("checkpoints"), ids=lambda c: c.id)

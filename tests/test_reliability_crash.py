@@ -10,7 +10,7 @@ import torch
 from reliability_kit import disk_full, kill_and_resume, temp_files
 
 import repopt
-from repopt.checkpoint import CheckpointError, save_checkpoint, save_model
+from repopt.app.checkpoint import CheckpointError, save_checkpoint, save_model
 from repopt.models import create
 
 

@@ -7,8 +7,9 @@ import sys
 
 import pytest
 
-from repopt.checkpoint import CheckpointError, atomic_write
-from repopt.metrics import MetricsLog, read_metrics
+from repopt._io import atomic_write
+from repopt.app.checkpoint import CheckpointError
+from repopt.app.metrics import MetricsLog, read_metrics
 
 
 def _dead_pid() -> int:
@@ -20,14 +21,15 @@ def _dead_pid() -> int:
 
 def test_atomic_write_removes_temporaries_of_dead_writers_only(tmp_path):
     target = tmp_path / "checkpoint.pt"
-    stale = tmp_path / f".checkpoint.pt.tmp{_dead_pid()}"
-    live = tmp_path / f".checkpoint.pt.tmp{os.getppid()}"  # a running process: maybe writing right now
-    other = tmp_path / ".metrics.jsonl.tmp1"  # another file's temporary: not ours to judge
-    for f in (stale, live, other):
+    stale = tmp_path / f".checkpoint.tmp{_dead_pid()}-0.pt"
+    live = tmp_path / f".checkpoint.tmp{os.getppid()}-0.pt"  # a running process: maybe writing right now
+    other = tmp_path / f".metrics.tmp{_dead_pid()}-0.jsonl"  # another file's temporary: not ours to judge
+    similar = tmp_path / f".checkpoint.tmp{_dead_pid()}-0.json"  # checkpoint.json's, not checkpoint.pt's
+    for f in (stale, live, other, similar):
         f.write_text("partial")
     atomic_write(target, lambda tmp: tmp.write_text("new"))
     assert target.read_text() == "new"
-    assert not stale.exists() and live.exists() and other.exists()
+    assert not stale.exists() and live.exists() and other.exists() and similar.exists()
 
 
 def test_a_metrics_line_cut_short_by_a_crash_is_dropped(tmp_path):

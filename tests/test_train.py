@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from repopt.cli import main
-from repopt.train import TrainConfig, TrainingError, train
+from repopt.app.cli import main
+from repopt.app.train import TrainConfig, TrainingError, train
 
 FAST = dict(arch="repopt_vgg_tiny", dataset="digits", image_size=16, batch_size=128, quiet=True)
 
@@ -39,7 +39,7 @@ def test_resume_after_interruption_continues_the_same_run(tmp_path, scales_file,
     cfg = dict(method="repopt", epochs=3, scales=scales_file, **FAST)
     straight = train(TrainConfig(out=str(tmp_path / "a"), **cfg))
 
-    import repopt.train as train_module
+    import repopt.app.train as train_module
 
     real_save, saves = train_module.save_checkpoint, []
 
@@ -137,7 +137,7 @@ def test_train_repopt_without_scales_searches_first(tmp_path, capsys):
                  "--batch-size", "128", "--quiet", "--json", "--out", str(out)])
     assert code == 0
     assert (out / "search" / "scales.safetensors").is_file() and (out / "model.safetensors").is_file()
-    from repopt.checkpoint import load_checkpoint
+    from repopt.app.checkpoint import load_checkpoint
 
     cfg = load_checkpoint(out / "checkpoint.pt")["config"]
     assert cfg["scales"] == str(out / "search" / "scales.safetensors")

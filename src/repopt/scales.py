@@ -6,7 +6,6 @@ is strict: every mismatch is an error that names the layer, never a silent fallb
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -73,9 +72,9 @@ class Scales(MutableMapping):
 
         Errors name the layer: an entry for a module the model lacks (or that is not a Conv2d), a wrong channel
         count, NaN/inf, a branch that does not fit the kernel, an identity where shapes forbid it. With strict=True
-        every target conv of the model (see repopt.targets.find_target_convs) must have an entry.
+        every target conv of the model (repopt.targets.target_convs) must have an entry.
         """
-        from .targets import find_target_convs
+        from .targets import target_convs
 
         modules = dict(model.named_modules())
         arch = self.metadata.get("arch")
@@ -91,7 +90,7 @@ class Scales(MutableMapping):
             except BranchError as e:
                 raise ScalesError(f"layer {name!r}{where}: {e.reason}") from None
         if strict:
-            missing = [n for n in find_target_convs(model) if n not in bound]
+            missing = [n for n in target_convs(model) if n not in bound]
             if missing:
                 more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
                 raise ScalesError(f"layer {missing[0]!r}{more} of the model has no scales{where}; pass strict=False "
@@ -116,7 +115,7 @@ def save_scales(scales: Scales | Mapping, path: str | os.PathLike, model: nn.Mod
     from safetensors import SafetensorError
     from safetensors.torch import save_file
 
-    from .checkpoint import write_error_reason
+    from ._io import atomic_write, write_error_reason
 
     scales = as_scales(scales)
     meta = {**scales.metadata, **{k: str(v) for k, v in metadata.items()},
@@ -126,16 +125,11 @@ def save_scales(scales: Scales | Mapping, path: str | os.PathLike, model: nn.Mod
         meta["shapes"] = json.dumps({n: list(modules[n].weight.shape) for n in scales if n in modules})
     tensors = {f"{name}{_SEP}{branch}": t.contiguous() for name, entry in scales.items() for branch, t in entry.items()}
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
     except (OSError, SafetensorError) as e:  # disk full, no permission: `path` keeps what it held before
         raise ScalesError(f"{path} could not be written ({write_error_reason(e)}); the previous file is left as "
                           f"it was") from None
-    finally:
-        with contextlib.suppress(OSError):  # e.g. ENOTDIR: the temp file was never created
-            tmp.unlink(missing_ok=True)
     return path
 
 
@@ -197,7 +191,7 @@ _REFERENCE_KEYS = [
 
 
 def _load_reference(path: Path) -> Scales:
-    from .checkpoint import load_error_reason
+    from ._io import load_error_reason
 
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)

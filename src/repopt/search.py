@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from .branches import IDENTITY, BranchError, ConvGeometry, branch_kernel_size
-from .models.csla_conv import CSLAConv2d
-from .scales import Scales, ScalesError, as_scales
+from .models.csla_conv import CSLAConv2d, hs_convs, set_scales  # noqa: F401 (set_scales: re-exported)
+from .scales import Scales, ScalesError
 
 Branches = Sequence[str] | Callable[[str, nn.Conv2d], Sequence[str]]
 
@@ -54,8 +54,8 @@ def to_hyper_search(model: nn.Module, select: Iterable[str] | Callable[[str, nn.
                     scale_init: float | str | Callable[[str, nn.Conv2d], float] = "auto") -> nn.Module:
     """A deep copy of `model` whose selected convs are CSLAConv2d HS convs with trainable branch scales.
 
-    select: conv names, or a predicate (name, module) -> bool; default repopt.find_target_convs(model) (every kxk conv
-        without bias that feeds a BatchNorm).
+    select: conv names, or a predicate (name, module) -> bool; default repopt.targets.target_convs(model) (the
+        model's own list, else every kxk conv without bias that feeds a BatchNorm).
     branches: conv branches of every HS conv, or a function (name, conv) -> branches. A branch of the conv's own kernel
         size is added when missing. The full-size branch starts from the conv's current kernel, the others from
         PyTorch's default init.
@@ -64,12 +64,12 @@ def to_hyper_search(model: nn.Module, select: Iterable[str] | Callable[[str, nn.
         1 for the stem and the first block of a stage, sqrt(2/l) for block l), else 1.0; or a number, or a function
         (name, conv) -> number. Identity scales start at 1.
     """
-    from .targets import find_target_convs
+    from .targets import target_convs
 
     hs = copy.deepcopy(model)
     modules = dict(hs.named_modules())
     if select is None:
-        names = find_target_convs(hs)
+        names = target_convs(hs)
     elif callable(select):
         names = [n for n, m in modules.items() if n and select(n, m)]
     else:
@@ -103,10 +103,6 @@ def to_hyper_search(model: nn.Module, select: Iterable[str] | Callable[[str, nn.
     return hs
 
 
-def hs_convs(model: nn.Module) -> dict[str, CSLAConv2d]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, CSLAConv2d)}
-
-
 def extract_scales(hs_model: nn.Module) -> Scales:
     """The branch scales of every CSLAConv2d of `hs_model`, keyed by its qualified name (= the target conv's name)."""
     convs = hs_convs(hs_model)
@@ -117,34 +113,6 @@ def extract_scales(hs_model: nn.Module) -> Scales:
     if isinstance(getattr(hs_model, "arch", None), str):
         meta["arch"] = hs_model.arch
     return Scales({n: m.scales() for n, m in convs.items()}, meta)
-
-
-@torch.no_grad()
-def set_scales(model: nn.Module, scales, strict: bool = True) -> None:
-    """Write `scales` into the CSLAConv2d convs of an HS or CSLA model (the inverse of extract_scales).
-
-    Every entry must name a CSLAConv2d with exactly the same branches; with strict=True every CSLAConv2d needs one.
-    """
-    scales = as_scales(scales)
-    convs = hs_convs(model)
-    for name, entry in scales.items():
-        conv = convs.get(name)
-        if conv is None:
-            raise ScalesError(f"layer {name!r} of the scales is not a CSLAConv2d of the model")
-        have = set(conv.branch_names) | ({IDENTITY} if conv.identity is not None else set())
-        if set(entry) != have:
-            raise ScalesError(f"layer {name!r}: the scales have branches {sorted(entry)} but the conv has "
-                              f"{sorted(have)}")
-        for branch, value in entry.items():
-            dest = conv.identity if branch == IDENTITY else conv.branch_scale(branch)
-            if value.numel() != dest.numel():
-                raise ScalesError(f"layer {name!r}: branch {branch!r} has {value.numel()} scales but the conv has "
-                                  f"{dest.numel()} output channels")
-            dest.copy_(value.reshape(dest.shape))
-    missing = [n for n in convs if n not in scales]
-    if strict and missing:
-        raise ScalesError(f"layer {missing[0]!r} of the model has no scales"
-                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
 
 
 def hs_param_groups(hs_model: nn.Module, weight_decay: float) -> list[dict]:

@@ -5,16 +5,7 @@ from .ghostnet import RepOptGhostNet
 from .registry import create, list_models, register
 from .repvgg_block import RepVGGBlock, reparameterize_model
 from .vgg import CONFIGS, RepOptVGG, VGGConfig
-
-
-def target_convs(model) -> list[str]:
-    """The convs a model trains with branch scales: its own `target_conv_names()` when it has one (our models), else
-    repopt.find_target_convs(model) (every kxk conv without bias that feeds a BatchNorm)."""
-    if hasattr(model, "target_conv_names"):
-        return list(model.target_conv_names())
-    from ..targets import find_target_convs
-
-    return find_target_convs(model)
+from ..targets import target_convs  # the one definition, re-exported beside the models that declare theirs
 
 
 __all__ = ["CSLAConv2d", "CSLABlock", "TargetBlock", "RepVGGBlock", "RepOptVGG", "RepOptGhostNet", "VGGConfig",

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..branches import IDENTITY, BranchSet, ConvGeometry, _pair, branch_kernel_size, default_conv_init_
+from ..scales import ScalesError, as_scales
 
 
 class CSLAConv2d(nn.Module):
@@ -117,3 +118,36 @@ class CSLAConv2d(nn.Module):
         return (f"{g.in_channels}, {g.out_channels}, kernel_size={g.kernel_size}, stride={g.stride}, "
                 f"groups={g.groups}, branches={self._branch_names}, identity={self.identity is not None}, "
                 f"trainable_scales={self.trainable_scales}")
+
+
+def hs_convs(model: nn.Module) -> dict[str, CSLAConv2d]:
+    """Every CSLAConv2d of `model` by qualified name (the HS or CSLA convs, keyed like the target convs they stand for)."""
+    return {n: m for n, m in model.named_modules() if isinstance(m, CSLAConv2d)}
+
+
+@torch.no_grad()
+def set_scales(model: nn.Module, scales, strict: bool = True) -> None:
+    """Write `scales` into the CSLAConv2d convs of an HS or CSLA model (the inverse of extract_scales).
+
+    Every entry must name a CSLAConv2d with exactly the same branches; with strict=True every CSLAConv2d needs one.
+    """
+    scales = as_scales(scales)
+    convs = hs_convs(model)
+    for name, entry in scales.items():
+        conv = convs.get(name)
+        if conv is None:
+            raise ScalesError(f"layer {name!r} of the scales is not a CSLAConv2d of the model")
+        have = set(conv.branch_names) | ({IDENTITY} if conv.identity is not None else set())
+        if set(entry) != have:
+            raise ScalesError(f"layer {name!r}: the scales have branches {sorted(entry)} but the conv has "
+                              f"{sorted(have)}")
+        for branch, value in entry.items():
+            dest = conv.identity if branch == IDENTITY else conv.branch_scale(branch)
+            if value.numel() != dest.numel():
+                raise ScalesError(f"layer {name!r}: branch {branch!r} has {value.numel()} scales but the conv has "
+                                  f"{dest.numel()} output channels")
+            dest.copy_(value.reshape(dest.shape))
+    missing = [n for n in convs if n not in scales]
+    if strict and missing:
+        raise ScalesError(f"layer {missing[0]!r} of the model has no scales"
+                          + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))

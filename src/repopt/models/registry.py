@@ -38,7 +38,7 @@ def create(name: str, mode: str = "target", num_classes: int = 1000, scales=None
         if mode not in ("hs", "csla"):
             raise ValueError(f"scales= only applies to modes 'hs' and 'csla' (got mode {mode!r}); a target model "
                              f"takes its scales through the optimizer (RepOptSGD.from_scales)")
-        from ..search import set_scales
+        from .csla_conv import set_scales
 
         set_scales(model, scales)
     return model

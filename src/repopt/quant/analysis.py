@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from ._extras import require
-from ._files import atomic_path
+from .._io import atomic_write
 from .fold import fold_batchnorm
 
 
@@ -87,6 +87,5 @@ def plot_kernel_histograms(models: dict[str, nn.Module], path: str | os.PathLike
         ax.legend(fontsize=8)
     axes[0].set_ylabel("density (log)")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
     return os.fspath(path)

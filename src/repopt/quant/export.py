@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from ._extras import MissingExtraError, quiet, require
-from ._files import atomic_path
+from .._io import atomic_write
 from .fold import fold_batchnorm
 from .ptq import dynamic_batch
 
@@ -28,8 +28,8 @@ def export_onnx(model: nn.Module, example: Tensor, path: str | os.PathLike, *, f
         program = torch.onnx.export(deployed, args, None, dynamo=True, dynamic_shapes=shapes,
                                     input_names=["input"], output_names=["logits"], opset_version=opset,
                                     external_data=False, verbose=False)
-    with atomic_path(path) as tmp:
-        program.save(tmp, external_data=False)  # weights inside the file: one artefact to ship
+    # weights inside the file: one artefact to ship
+    atomic_write(path, lambda tmp: program.save(str(tmp), external_data=False))
     return os.fspath(path)
 
 

@@ -1,6 +1,6 @@
 """BatchNorm folding: conv -> BN pairs become one conv with a bias (the deployed, plain form of a target model).
 
-Pairs are found by module registration order, as in `repopt.targets`: a BN that is the next leaf module after a conv
+Pairs are found by module registration order, as in `repopt.targets`: a BN that is the next module after a conv
 is taken to consume that conv's output. This holds for Sequential stacks and for blocks that register
 `conv`, `bn`, `relu` in the order they run; a model that registers modules in another order than it calls them
 should be folded by its own code.
@@ -12,7 +12,7 @@ import copy
 import torch
 from torch import nn
 
-from ..targets import _leaves
+from ..targets import conv_norm_pairs
 
 _BN_TYPES = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
@@ -24,8 +24,9 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
-    # Exact type: a Conv2d subclass (e.g. a multi-branch conv) may compute something other than its `weight`.
-    return (type(conv) is nn.Conv2d and isinstance(bn, _BN_TYPES) and bn.num_features == conv.out_channels
+    # Exact types: a Conv2d subclass (e.g. a multi-branch conv) may compute something other than its `weight`, and a
+    # BatchNorm subclass may do more than normalise (timm's BatchNormAct2d applies its activation too).
+    return (type(conv) is nn.Conv2d and type(bn) in _BN_TYPES and bn.num_features == conv.out_channels
             and bn.track_running_stats and bn.running_mean is not None)
 
 
@@ -50,8 +51,7 @@ def fused_conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> nn.Conv2d:
 
 def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
     """(conv name, bn name) for every Conv2d directly followed, in module order, by a foldable BatchNorm2d."""
-    leaves = list(_leaves(model))
-    return [(cname, bname) for (cname, conv), (bname, bn) in zip(leaves, leaves[1:]) if _foldable(conv, bn)]
+    return [(cname, bname) for cname, conv, bname, bn in conv_norm_pairs(model) if _foldable(conv, bn)]
 
 
 def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:

@@ -15,7 +15,7 @@ LION_FLAGS = dict(lr=1e-4, weight_decay=0.05)
 
 
 def adaptive_steps(arch, num_classes: int, repeats: int, device="cpu", scales=None, sync=None, progress=None) -> dict:
-    from ..optim import RepOptAdamW, RepOptLion, native, param_groups
+    from ...optim import RepOptAdamW, RepOptLion, native, param_groups
 
     device = torch.device(device)
     scales = bench_scales(arch, num_classes) if scales is None else scales

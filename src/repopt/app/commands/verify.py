@@ -14,7 +14,7 @@ EXAMPLES = """examples:
 
 
 def add_arguments(p) -> None:
-    from ..proofs import BRANCH_SETS, OPTIMIZERS
+    from ...proofs import BRANCH_SETS, OPTIMIZERS
 
     p.add_argument("--steps", type=int, default=200, help="training steps per case (default 200)")
     p.add_argument("--seed", type=int, default=0)
@@ -28,7 +28,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..cli import UserError
-    from ..proofs import BRANCH_SETS, OPTIMIZERS, TOLERANCE, run_proof
+    from ...proofs import BRANCH_SETS, OPTIMIZERS, TOLERANCE, run_proof
 
     if args.steps < 1:
         raise UserError(f"--steps must be at least 1, got {args.steps}")

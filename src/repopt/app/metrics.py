@@ -4,6 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .._io import atomic_write, write_text
+
 
 class MetricsLog:
     """Appends one JSON line per epoch; on resume, drops lines past the epoch being resumed from."""
@@ -11,11 +13,9 @@ class MetricsLog:
     def __init__(self, path: Path, enabled: bool = True, keep_epochs: int = 0):
         self.path, self.enabled = Path(path), enabled
         if enabled:
-            from .checkpoint import atomic_write
-
             kept = [r for r in read_metrics(self.path) if r.get("epoch", 0) <= keep_epochs] if keep_epochs else []
             text = "".join(json.dumps(r) + "\n" for r in kept)
-            atomic_write(self.path, lambda tmp: tmp.write_text(text))  # a crash here keeps the old lines
+            write_text(self.path, text)  # a crash here keeps the old lines
 
     def write(self, record: dict) -> None:
         if self.enabled:
@@ -67,6 +67,6 @@ def plot_curves(runs: dict[str, Path], path: Path, quiet: bool = False) -> Path 
         ax.grid(alpha=0.3)
         ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
     return Path(path)

@@ -33,7 +33,7 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
-    from ..models import list_models
+    from ...models import list_models
     from ..runs import train_repopt
     from .common import config_from_args
 

@@ -72,7 +72,7 @@ def environment(device: torch.device) -> dict[str, object]:
         name = torch.cuda.get_device_name(device)
     else:
         name = f"{_cpu_model()} ({os.cpu_count()} logical CPUs)"
-    from .. import __version__
+    from ... import __version__
 
     return {"device": f"{device.type}: {name}", "torch": torch.__version__, "threads": torch.get_num_threads(),
             "python": platform.python_version(), "repopt": __version__, "load_average_1min": load_average()}

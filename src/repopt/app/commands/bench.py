@@ -56,10 +56,8 @@ def run(args) -> int:
     show = not args.quiet and not args.json and sys.stderr.isatty()
     result = run_suite(cfg, device, progress=show)
     if args.save:  # written under a temporary name, then renamed: an earlier file is never left half-written
-        from pathlib import Path
+        from ..._io import write_json
 
-        from ..checkpoint import atomic_write
-
-        atomic_write(Path(args.save), lambda tmp: tmp.write_text(json.dumps(result, indent=2)))
+        write_json(args.save, result)
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0

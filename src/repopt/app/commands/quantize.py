@@ -30,7 +30,7 @@ Needs the `quant` extra: pip install 'repopt[quant]'.
 
 
 def add_arguments(p) -> None:
-    from ..data import DATASETS
+    from ...data import DATASETS
 
     p.add_argument("checkpoint", help="run directory, model.safetensors or checkpoint.pt")
     p.add_argument("--dataset", default=None, choices=DATASETS, help="default: the training dataset")
@@ -55,7 +55,7 @@ def add_arguments(p) -> None:
 def load_deployed(path):
     """(plain deployed fp32 network in eval mode, training config): RepVGG fused, then every conv+BN folded."""
     from ..checkpoint import load_trained
-    from ..quant import fold_batchnorm
+    from ...quant import fold_batchnorm
 
     model, cfg = load_trained(path, deploy=True)
     return fold_batchnorm(model).eval(), cfg
@@ -64,7 +64,7 @@ def load_deployed(path):
 def dataset_for(args, cfg):
     """The dataset named on the command line, else the one the run was trained on, at the run's image size."""
     from ..cli import UserError
-    from ..data import load_dataset
+    from ...data import load_dataset
 
     name = args.dataset or cfg["dataset"]
     data_dir = args.data_dir or (cfg.get("data_dir") if name == cfg["dataset"] else None)
@@ -134,7 +134,7 @@ class _Epochs:
 
 
 def _settings(args):
-    from ..quant import QuantSettings
+    from ...quant import QuantSettings
 
     reduce = {"auto": None, "on": True, "off": False}[args.reduce_range]
     return QuantSettings(per_channel=not args.per_tensor, reduce_range=reduce, activation_observer=args.observer,
@@ -157,7 +157,7 @@ def run(args) -> int:
     import torch
 
     from ..cli import UserError
-    from ..quant import MissingExtraError, quantize_ptq, quantize_qat
+    from ...quant import MissingExtraError, quantize_ptq, quantize_qat
 
     _check(args)
     model, cfg = load_deployed(args.checkpoint)

@@ -5,7 +5,7 @@ from ..train import TrainConfig
 
 
 def add_training_arguments(p, out_default: str, epochs_default: int = 30) -> None:
-    from ..data import DATASETS
+    from ...data import DATASETS
 
     g = p.add_argument_group("data and model")
     g.add_argument("--dataset", default="digits", choices=DATASETS,

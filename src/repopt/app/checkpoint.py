@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import re
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
+
+from .._io import atomic_write, load_error_reason, write_error_reason
 
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.safetensors"
@@ -27,61 +28,6 @@ class CheckpointError(ValueError):
 
 # what `train` reads back from a checkpoint to resume
 RUN_KEYS = ("config", "model", "optimizer", "scheduler", "rng", "epoch", "train_seconds", "skipped_steps")
-
-
-def load_error_reason(e: BaseException) -> tuple[bool, str]:
-    """(refused for safety?, one short line) from a torch.load error, whose text runs to several paragraphs."""
-    text = str(e)
-    m = re.search(r"GLOBAL ([\w.]+)", text)
-    if m:
-        return True, f"it asks to load {m.group(1)}, which could run code; weights-only loading refused it"
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if "Weights only load failed" in text:  # the detail sits between torch's boilerplate lines
-        lines = [line for line in lines[1:] if not line.startswith(("Please file", "Check the documentation"))]
-    if not lines:
-        return False, "the file ends early" if isinstance(e, EOFError) else type(e).__name__
-    return False, lines[0].split(". ")[0].rstrip(".")
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call write(tmp_path), then rename over `path`: a crash or a full disk never leaves `path` half-written.
-
-    Temporary files that a killed process left beside `path` (their pid no longer runs) are removed first.
-    """
-    path = Path(path)
-    _remove_stale_temporaries(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-
-
-def _remove_stale_temporaries(path: Path) -> None:
-    prefix = f".{path.name}.tmp"
-    try:
-        candidates = [p for p in path.parent.iterdir() if p.name.startswith(prefix)]
-    except OSError:
-        return
-    for tmp in candidates:
-        pid = tmp.name[len(prefix):]
-        if not pid.isdigit() or int(pid) == os.getpid():
-            continue
-        try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:  # its writer is gone: a leftover of a crash, never read by anyone
-            tmp.unlink(missing_ok=True)
-        except OSError:
-            pass  # alive (or not ours to probe): leave it
-
-
-def write_error_reason(e: BaseException) -> str:
-    """One short line for a failed write: OSError's strerror, or the first line of torch's / safetensors' text."""
-    if isinstance(e, OSError) and e.strerror:
-        return e.strerror
-    return re.sub(r" at path .*$", "", (str(e).splitlines() or [type(e).__name__])[0])
 
 
 def _write_or_explain(path: Path, write) -> None:
@@ -146,7 +92,7 @@ def load_trained(path: str | os.PathLike, deploy: bool = False) -> tuple[nn.Modu
 
     deploy=True returns the plain network that is deployed: RepVGG blocks fused into single convs.
     """
-    from .models import create, reparameterize_model
+    from ..models import create, reparameterize_model
 
     file = find_model_file(path)
     if file.suffix == ".safetensors":

@@ -31,8 +31,8 @@ def run(args) -> int:
     import torch
 
     from ..cli import UserError
-    from ..data import DEFAULT_IMAGE_SIZE
-    from ..quant import MissingExtraError, check_onnx, export_onnx
+    from ...data import DEFAULT_IMAGE_SIZE
+    from ...quant import MissingExtraError, check_onnx, export_onnx
     from .quantize import load_deployed
 
     folder = Path(args.output).resolve().parent
@@ -46,8 +46,8 @@ def run(args) -> int:
            "input_shape": ["N", 3, size, size]}
     try:
         if args.check:  # before writing anything: a check that cannot run should not leave a half-done job
-            from ..quant._extras import require
-            from ..quant.export import ExportDependencyError
+            from ...quant._extras import require
+            from ...quant.export import ExportDependencyError
 
             require("onnxruntime", "export", "Checking an ONNX file (--check)", ExportDependencyError)
         export_onnx(model, example, args.output, fold=False, opset=args.opset)

@@ -6,6 +6,8 @@ import math
 import re
 from pathlib import Path
 
+from ..._io import atomic_write
+
 NAME = "scales"
 HELP = "Import released RepOpt scales (.pth) into repopt's format, show per-stage statistics, or compare two files."
 EXAMPLES = """examples:
@@ -45,7 +47,7 @@ def _target_model(arch: str):
     import torch
 
     from ..cli import UserError
-    from ..models import create, list_models
+    from ...models import create, list_models
 
     if arch not in list_models():
         raise UserError(f"unknown --arch {arch!r}; known: {', '.join(list_models())}")
@@ -54,8 +56,8 @@ def _target_model(arch: str):
 
 
 def _check_fits(scales, arch: str, source: str):
-    from ..models import target_convs
-    from ..scales import ScalesError
+    from ...models import target_convs
+    from ...scales import ScalesError
 
     model = _target_model(arch)
     try:
@@ -71,8 +73,8 @@ def _check_fits(scales, arch: str, source: str):
 
 def _infer_arch(scales, source: str) -> str:
     from ..cli import UserError
-    from ..models import list_models
-    from ..scales import ScalesError
+    from ...models import list_models
+    from ...scales import ScalesError
 
     fits = []
     for arch in list_models():
@@ -89,7 +91,7 @@ def _infer_arch(scales, source: str) -> str:
 
 def _import(args) -> int:
     from ..cli import UserError
-    from ..scales import load_scales, save_scales
+    from ...scales import load_scales, save_scales
 
     out = Path(args.output)
     if out.exists() and not args.force:
@@ -134,7 +136,7 @@ def summarize(scales, per_layer: bool = False) -> list[dict]:
 
 
 def _show(args) -> int:
-    from ..scales import load_scales
+    from ...scales import load_scales
 
     scales = load_scales(args.file)
     rows = summarize(scales, per_layer=args.layers)
@@ -187,7 +189,7 @@ def _plot(scales, path: str, title: str) -> None:
     ax.set(xlabel="conv (model order; shaded: min..max over channels)", ylabel="scale", title=Path(title).name)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
 
 
@@ -219,7 +221,7 @@ def compare(a, b, atol: float = 0.0) -> dict:
 
 def _diff(args) -> int:
     from ..cli import UserError
-    from ..scales import load_scales
+    from ...scales import load_scales
 
     if not math.isfinite(args.atol) or args.atol < 0:
         raise UserError(f"--atol must be a finite number >= 0, got {args.atol}")

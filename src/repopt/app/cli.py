@@ -1,10 +1,10 @@
-"""The `repopt` command. Each subcommand lives in repopt/commands/<name>.py and exposes
+"""The `repopt` command. Each subcommand lives in repopt/app/commands/<name>.py and exposes
 
     NAME, HELP, EXAMPLES          strings
     add_arguments(parser)         fills its argparse parser
     run(args) -> int              does the work; returns the exit code
 
-Bad input raises repopt.cli.UserError (or a known library error) and becomes one sentence on stderr and exit code 2.
+Bad input raises repopt.app.cli.UserError (or a known library error) and becomes one sentence on stderr and exit code 2.
 """
 from __future__ import annotations
 
@@ -21,11 +21,11 @@ class UserError(Exception):
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
-    from .branches import BranchError
+    from ..branches import BranchError
     from .checkpoint import CheckpointError
-    from .data import DataError
-    from .reinit import ReinitError
-    from .scales import ScalesError
+    from ..data import DataError
+    from ..reinit import ReinitError
+    from ..scales import ScalesError
     from .train import TrainingError
 
     return (UserError, ScalesError, BranchError, ReinitError, CheckpointError, DataError, TrainingError,
@@ -35,7 +35,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="repopt", description="Gradient re-parameterization (RepOptimizer) for "
                                      "PyTorch: train a plain conv net with the accuracy of a multi-branch one.")
-    from . import __version__
+    from .. import __version__
 
     parser.add_argument("--version", action="version", version=f"repopt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

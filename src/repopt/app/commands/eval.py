@@ -13,7 +13,7 @@ EXAMPLES = """examples:
 
 
 def add_arguments(p) -> None:
-    from ..data import DATASETS
+    from ...data import DATASETS
 
     p.add_argument("checkpoint", help="run directory, model.safetensors or checkpoint.pt")
     p.add_argument("--dataset", default=None, choices=DATASETS, help="default: the training dataset")
@@ -26,7 +26,7 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..checkpoint import load_trained
-    from ..data import load_dataset
+    from ...data import load_dataset
     from ..train import evaluate, resolve_device
 
     model, cfg = load_trained(args.checkpoint, deploy=args.deploy)

@@ -43,7 +43,7 @@ def _labels(runs: list[tuple[str, dict]]) -> list[str]:
 
 def run(args) -> int:
     from ..cli import UserError
-    from ..quant import MissingExtraError, kernel_stats, plot_kernel_histograms
+    from ...quant import MissingExtraError, kernel_stats, plot_kernel_histograms
     from .quantize import load_deployed
 
     loaded = [(path, *load_deployed(path)) for path in args.checkpoints]

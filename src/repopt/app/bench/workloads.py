@@ -19,8 +19,8 @@ SGD_FLAGS = dict(lr=0.01, momentum=0.9, nesterov=True, weight_decay=4e-5, fused=
 
 def create(arch, mode: str, num_classes: int, **model_options) -> nn.Module:
     """A registered model by name, or a RepOpt-VGG from a VGGConfig (the scaling sweeps build their own)."""
-    from ..models import RepOptVGG, VGGConfig
-    from ..models import create as create_registered
+    from ...models import RepOptVGG, VGGConfig
+    from ...models import create as create_registered
 
     if isinstance(arch, VGGConfig):
         return RepOptVGG(arch, mode=mode, num_classes=num_classes, **model_options)
@@ -38,7 +38,7 @@ def bench_scales(arch, num_classes: int, **model_options):
 
     Their values do not change the cost of a step, only their structure does, so no search is run.
     """
-    from ..search import extract_scales
+    from ...search import extract_scales
 
     return extract_scales(create(arch, "hs", num_classes, **model_options))
 
@@ -46,7 +46,7 @@ def bench_scales(arch, num_classes: int, **model_options):
 def build(method: str, arch, num_classes: int, scales=None, device="cpu", seed: int = 0,
           sgd_flags: dict | None = None, **model_options) -> tuple[nn.Module, torch.optim.Optimizer]:
     """(model in train mode on `device`, optimizer) for one of METHODS."""
-    from ..optim import RepOptSGD, param_groups
+    from ...optim import RepOptSGD, param_groups
 
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
@@ -71,7 +71,7 @@ def batch(size: int, image_size: int, num_classes: int, device="cpu", seed: int 
 
 
 def train_step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
-    """One training step, as repopt.train does it: zero_grad(set_to_none) -> forward -> loss -> backward -> step."""
+    """One training step, as repopt.app.train does it: zero_grad(set_to_none) -> forward -> loss -> backward -> step."""
     opt.zero_grad(set_to_none=True)
     F.cross_entropy(model(x), y).backward()
     opt.step()

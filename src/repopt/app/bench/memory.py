@@ -143,7 +143,7 @@ def measure_in_subprocess(method: str, arch: str, image_size: int, batch_size: i
     spec = dict(method=method, arch=arch, image_size=image_size, batch_size=batch_size, steps=steps,
                 num_classes=num_classes, threads=threads)
     env = dict(os.environ, TQDM_DISABLE="1")
-    code = "import json, sys; from repopt.bench.memory import measure_here; " \
+    code = "import json, sys; from repopt.app.bench.memory import measure_here; " \
            "print(json.dumps(measure_here(**json.loads(sys.argv[1]))))"
     proc = subprocess.run([sys.executable, "-c", code, json.dumps(spec)], capture_output=True, text=True,
                           timeout=timeout, env=env)

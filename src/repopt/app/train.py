@@ -6,7 +6,6 @@ each rank trains its slice of the same global batch (DDP; gloo on CPU, nccl on C
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._io import write_json
 from . import distributed as dist
 from .checkpoint import CHECKPOINT, MODEL, RESULT, CheckpointError, load_run_checkpoint, mode_of, \
     save_checkpoint, save_model
@@ -95,7 +95,7 @@ class TrainConfig:
             raise TrainingError(f"--label-smoothing must lie in [0, 1), got {self.label_smoothing}")
         if self.ema is not None and not 0 < self.ema < 1:
             raise TrainingError(f"--ema is a decay in (0, 1), e.g. 0.999; got {self.ema}")
-        from .models import list_models
+        from ..models import list_models
 
         if self.arch not in list_models():
             raise TrainingError(f"unknown model {self.arch!r}; known models: {', '.join(list_models())}")
@@ -121,7 +121,7 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_model(cfg: TrainConfig) -> nn.Module:
-    from .models import create
+    from ..models import create
 
     try:
         return create(cfg.arch, mode=mode_of(cfg.method), num_classes=cfg.num_classes, **cfg.model_options)
@@ -130,9 +130,9 @@ def build_model(cfg: TrainConfig) -> nn.Module:
 
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module, fresh: bool):
-    from .optim import RepOptAdamW, RepOptLion, RepOptSGD, param_groups
-    from .scales import ScalesError, load_scales
-    from .search import hs_param_groups
+    from ..optim import RepOptAdamW, RepOptLion, RepOptSGD, param_groups
+    from ..scales import ScalesError, load_scales
+    from ..search import hs_param_groups
 
     kwargs = {"sgd": dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0),
               "adamw": dict(lr=cfg.lr), "lion": dict(lr=cfg.lr)}[cfg.optimizer]
@@ -216,7 +216,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or resume) one run into cfg.out; returns the result dict also written to OUT/result.json."""
     from tqdm import tqdm
 
-    from .data import load_dataset
+    from ..data import load_dataset
 
     cfg.validate()
     rank, world, device = dist.setup(resolve_device(cfg.device))
@@ -348,8 +348,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _finish(cfg, model, ds, device, out: Path, train_seconds, skipped, steps_per_epoch, rank) -> dict[str, Any]:
-    from .models import reparameterize_model
-    from .quant.fold import fold_batchnorm
+    from ..models import reparameterize_model
+    from ..quant.fold import fold_batchnorm
 
     top1, _ = evaluate(model, ds.test_batches(256, device=device))
     # the network that ships: RepVGG blocks fused into one conv each, BN folded into the convs
@@ -364,14 +364,14 @@ def _finish(cfg, model, ds, device, out: Path, train_seconds, skipped, steps_per
     if rank == 0:
         save_model(out / MODEL, model, asdict(cfg))
         if cfg.method == "hs":
-            from .scales import save_scales
-            from .search import extract_scales
+            from ..scales import save_scales
+            from ..search import extract_scales
 
             scales = extract_scales(model)
             scales.metadata.update({"arch": cfg.arch, "dataset": cfg.dataset, "hs_epochs": str(cfg.epochs)})
             save_scales(scales, out / "scales.safetensors")
             result["scales"] = str(out / "scales.safetensors")
-        (out / RESULT).write_text(json.dumps(result, indent=2))
+        write_json(out / RESULT, result)  # the run's "finished" marker: never half-written
         from .metrics import plot_curves
 
         plot_curves({cfg.method: out / "metrics.jsonl"}, out / "curves.png", quiet=True)

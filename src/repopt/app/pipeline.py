@@ -6,9 +6,9 @@ re-run with the same command picks up where it stopped.
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 
+from .._io import write_json, write_text
 from .metrics import plot_curves
 from .runs import finished_result, hs_config, search_scales
 from .train import TrainConfig, train
@@ -19,8 +19,8 @@ METHODS = ("repopt", "repvgg", "plain")
 def int8_column(run_dir: Path, calib_batches: int = 8, quiet: bool = True) -> dict | None:
     """INT8 PTQ top-1 of a finished run's deployed model, or None when the `quant` extra is missing."""
     from .checkpoint import load_trained
-    from .data import load_dataset
-    from .quant import QuantDependencyError, QuantSettings, evaluate_top1, quantize_ptq
+    from ..data import load_dataset
+    from ..quant import QuantDependencyError, QuantSettings, evaluate_top1, quantize_ptq
 
     model, conf = load_trained(run_dir, deploy=True)
     ds = load_dataset(conf["dataset"], conf.get("data_dir"), conf.get("image_size"))
@@ -60,8 +60,8 @@ def run_pipeline(base: TrainConfig, hs_epochs: int, methods=METHODS, int8: bool 
               "hs_top1": hs_result["top1"], "scales": str(scales), "results": rows}
     if int8 and any("int8_top1" in r for r in rows):
         report["int8_settings"] = report_settings
-    (out / "report.json").write_text(json.dumps(report, indent=2))
-    (out / "report.md").write_text(report_markdown(report))
+    write_json(out / "report.json", report)
+    write_text(out / "report.md", report_markdown(report))
     plot_curves({m: out / m / "metrics.jsonl" for m in methods}, out / "curves.png", quiet=True)
     return report
 

@@ -57,7 +57,7 @@ def optimizer_step(arch: str, num_classes: int, repeats: int, device="cpu", warm
     compiled: also time RepOptSGD(compiled=True) in the same rounds, and report its compile time.
     When the default path is the native kernel, the eager block path (native=False) is timed in the same rounds too.
     """
-    from ..optim import native
+    from ...optim import native
     flags = dict(SGD_FLAGS if sgd_flags is None else sgd_flags)
     plain, opt_plain = build("plain", arch, num_classes, device=device, sgd_flags=flags, **model_options)
     rep, opt_rep = build("repopt", arch, num_classes, scales=scales, device=device, sgd_flags=flags,

@@ -1,0 +1,89 @@
+"""File output and file errors, for the whole package: the one atomic writer and the one-line error reasons.
+
+A leaf module (it imports nothing from repopt), so that the library and the application can both use it without
+import cycles.
+"""
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import re
+import threading
+from pathlib import Path
+
+_counter = itertools.count()
+_counter_lock = threading.Lock()
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.stem}.tmp"
+
+
+def atomic_write(path: str | os.PathLike, write) -> Path:
+    """Call write(tmp_path), then rename it over `path`: a crash or a full disk never leaves `path` half-written.
+
+    The temporary file sits beside `path` and keeps its suffix (so writers that pick a format from the name, such as
+    matplotlib, still work). Temporaries that a killed process left beside `path` (their pid no longer runs) are
+    removed first. Returns `path`.
+    """
+    path = Path(path)
+    _remove_stale_temporaries(path)
+    with _counter_lock:
+        n = next(_counter)
+    tmp = path.with_name(f"{_temp_prefix(path)}{os.getpid()}-{n}{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return path
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    """`text` into `path`, atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+def write_json(path: str | os.PathLike, obj) -> Path:
+    """`obj` as indented JSON into `path`, atomically."""
+    return write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    own = re.compile(re.escape(_temp_prefix(path)) + r"(\d+)-\d+" + re.escape(path.suffix) + "$")
+    try:
+        candidates = [(p, own.match(p.name)) for p in path.parent.iterdir()]
+    except OSError:
+        return
+    for tmp, match in candidates:
+        if match is None or int(match.group(1)) == os.getpid():
+            continue
+        try:
+            os.kill(int(match.group(1)), 0)
+        except ProcessLookupError:  # its writer is gone: a leftover of a crash, never read by anyone
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # alive (or not ours to probe): leave it
+
+
+def load_error_reason(e: BaseException) -> tuple[bool, str]:
+    """(refused for safety?, one short line) from a torch.load error, whose text runs to several paragraphs."""
+    text = str(e)
+    m = re.search(r"GLOBAL ([\w.]+)", text)
+    if m:
+        return True, f"it asks to load {m.group(1)}, which could run code; weights-only loading refused it"
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if "Weights only load failed" in text:  # the detail sits between torch's boilerplate lines
+        lines = [line for line in lines[1:] if not line.startswith(("Please file", "Check the documentation"))]
+    if not lines:
+        return False, "the file ends early" if isinstance(e, EOFError) else type(e).__name__
+    return False, lines[0].split(". ")[0].rstrip(".")
+
+
+def write_error_reason(e: BaseException) -> str:
+    """One short line for a failed write: OSError's strerror, or the first line of torch's / safetensors' text."""
+    if isinstance(e, OSError) and e.strerror:
+        return e.strerror
+    return re.sub(r" at path .*$", "", (str(e).splitlines() or [type(e).__name__])[0])

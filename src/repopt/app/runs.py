@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 from .checkpoint import RESULT
+from .recipes import HS_GRAD_CLIP
 from .train import TrainConfig, train
 
-HS_GRAD_CLIP = 5.0  # the reference HS recipe clips; never while training with RepOpt
 
 
 def finished_result(out: Path) -> dict | None:
@@ -20,7 +20,8 @@ def finished_result(out: Path) -> dict | None:
 def hs_config(base: TrainConfig, out: Path, hs_epochs: int) -> TrainConfig:
     """The hyper-search run that goes with `base`: same data, model and seed; the HS recipe's optimizer settings."""
     return dataclasses.replace(base, method="hs", optimizer="sgd", epochs=hs_epochs, out=str(out), scales=None,
-                               grad_clip=HS_GRAD_CLIP, lr=None, weight_decay=None, ema=None)
+                               grad_clip=HS_GRAD_CLIP, lr=None, lr_base=None, weight_decay=None, warmup_epochs=None,
+                               ema=None)
 
 
 def search_scales(hs: TrainConfig) -> tuple[Path, dict]:

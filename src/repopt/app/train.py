@@ -21,11 +21,10 @@ from . import distributed as dist
 from .checkpoint import CHECKPOINT, MODEL, RESULT, CheckpointError, load_run_checkpoint, mode_of, \
     save_checkpoint, save_model
 from .metrics import MetricsLog
+from .recipes import DEFAULTS, LR_BASE_SIZE, default_warmup_epochs, describe_lr, scaled_lr
 
 METHODS = ("repopt", "repvgg", "plain", "hs")
-OPTIMIZERS = ("sgd", "adamw", "lion")
-DEFAULT_LR = {"sgd": 0.1, "adamw": 2e-3, "lion": 2e-4}
-DEFAULT_WD = {"sgd": 5e-4, "adamw": 0.05, "lion": 0.5}
+OPTIMIZERS = tuple(DEFAULTS)
 # what must match between a checkpoint and the command that resumes it
 RESUME_KEYS = ("method", "arch", "dataset", "image_size", "optimizer", "epochs", "batch_size", "lr", "weight_decay",
                "seed", "accumulate", "label_smoothing", "warmup_epochs", "momentum", "nesterov", "model_options")
@@ -45,11 +44,13 @@ class TrainConfig:
     optimizer: str = "sgd"
     epochs: int = 30
     batch_size: int = 64            # global batch per optimizer step, over all ranks
-    lr: float | None = None         # default per optimizer (DEFAULT_LR)
-    weight_decay: float | None = None
+    lr: float | None = None         # absolute peak learning rate; None: lr_base scaled to batch_size
+    lr_base: float | None = None    # peak learning rate per lr_base_size images (default: recipes.DEFAULTS)
+    lr_base_size: int = LR_BASE_SIZE
+    weight_decay: float | None = None  # default: recipes.DEFAULTS
     momentum: float = 0.9
     nesterov: bool = True
-    warmup_epochs: float = 1.0
+    warmup_epochs: float | None = None  # default: the paper's 5/120 of the run (recipes.WARMUP_FRACTION)
     label_smoothing: float = 0.1
     accumulate: int = 1             # micro-batches per optimizer step
     grad_clip: float | None = None  # global-norm clipping; refused with repopt (it breaks the equivalence)
@@ -65,11 +66,31 @@ class TrainConfig:
     model_options: dict = field(default_factory=dict)
     num_classes: int | None = None  # filled in from the dataset
 
-    def __post_init__(self):
+    def resolve(self) -> "TrainConfig":
+        """Fill in the recipe's defaults (recipes.py) for what was left None: peak lr from the per-256 base and the
+        global batch, weight decay, warmup. Idempotent; `train` calls it, and the resolved values are what a run
+        records and what a resumed run must match."""
+        defaults = DEFAULTS.get(self.optimizer)
+        if defaults is None:
+            return self  # validate() names the unknown optimizer
         if self.lr is None:
-            self.lr = DEFAULT_LR.get(self.optimizer, 0.1)
+            if self.lr_base is None:
+                self.lr_base = defaults.lr_base
+            self.lr = scaled_lr(self.lr_base, self.batch_size, defaults.scaling, self.lr_base_size)
         if self.weight_decay is None:
-            self.weight_decay = DEFAULT_WD.get(self.optimizer, 0.0)
+            self.weight_decay = defaults.weight_decay
+        if self.warmup_epochs is None:
+            self.warmup_epochs = default_warmup_epochs(self.epochs)
+        return self
+
+    def describe(self) -> str:
+        """The recipe of this (resolved) run in one line, printed at its start."""
+        lr = describe_lr(self.lr, self.lr_base, self.batch_size, DEFAULTS[self.optimizer].scaling,
+                         self.lr_base_size)
+        extra = f", momentum {self.momentum}{' nesterov' if self.nesterov else ''}" if self.optimizer == "sgd" else ""
+        return (f"{self.optimizer} lr {lr}, weight decay {self.weight_decay:g}{extra}, warmup "
+                f"{self.warmup_epochs:g} epochs then cosine to 0, label smoothing {self.label_smoothing:g}, "
+                f"batch {self.batch_size}, {self.epochs} epochs")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -86,6 +107,13 @@ class TrainConfig:
         if self.batch_size < 1 or self.accumulate < 1:
             raise TrainingError(f"--batch-size and --accumulate must be positive, got {self.batch_size} and "
                                 f"{self.accumulate}")
+        if self.lr_base is not None and not (math.isfinite(self.lr_base) and self.lr_base > 0):
+            raise TrainingError(f"--lr-base must be a finite number > 0, got {self.lr_base}")
+        if self.lr_base_size < 1:
+            raise TrainingError(f"--lr-base-size must be at least 1, got {self.lr_base_size}")
+        self.resolve()
+        if not (math.isfinite(self.warmup_epochs) and self.warmup_epochs >= 0):
+            raise TrainingError(f"--warmup-epochs must be a finite number >= 0, got {self.warmup_epochs}")
         # torch's own refusals of these come as bare ValueErrors after the run directory exists
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise TrainingError(f"--lr must be a finite number > 0, got {self.lr}")
@@ -218,7 +246,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     from ..data import load_dataset
 
-    cfg.validate()
+    cfg.validate()  # also resolves the recipe's defaults (lr from the per-256 base, wd, warmup)
     rank, world, device = dist.setup(resolve_device(cfg.device))
     try:
         ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size)
@@ -275,6 +303,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         log = MetricsLog(out / "metrics.jsonl", enabled=rank == 0, keep_epochs=start_epoch)
 
         show = rank == 0 and not cfg.quiet and dist.is_tty()
+        if rank == 0 and not cfg.quiet:
+            print(f"[{cfg.method}] {cfg.describe()}", flush=True)
         for epoch in range(start_epoch, cfg.epochs):
             net.train()
             t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0

@@ -17,10 +17,17 @@ def add_training_arguments(p, out_default: str, epochs_default: int = 30) -> Non
     g.add_argument("--epochs", type=int, default=epochs_default)
     g.add_argument("--hs-epochs", type=int, default=None, help="hyper-search epochs (default: --epochs)")
     g.add_argument("--batch-size", type=int, default=64, help="global batch per optimizer step (default 64)")
-    g.add_argument("--lr", type=float, default=None, help="peak learning rate (default: sgd 0.1, adamw 2e-3, "
-                                                          "lion 2e-4)")
-    g.add_argument("--weight-decay", type=float, default=None)
-    g.add_argument("--warmup-epochs", type=float, default=1.0)
+    g.add_argument("--lr-base", type=float, default=None,
+                   help="peak learning rate per --lr-base-size images, scaled to the global batch as the paper does "
+                        "(default: sgd 0.1 per 256, linear; adamw 4e-3 and lion 4e-4 per 256, sqrt)")
+    g.add_argument("--lr-base-size", type=int, default=256, help="the batch size --lr-base is given for (256)")
+    g.add_argument("--lr", type=float, default=None,
+                   help="absolute peak learning rate; overrides --lr-base (default: from --lr-base)")
+    g.add_argument("--weight-decay", type=float, default=None,
+                   help="default: sgd 4e-5 (the paper), adamw 0.05, lion 0.5")
+    g.add_argument("--warmup-epochs", type=float, default=None,
+                   help="linear warmup before the cosine decay (default: the first 5/120 of the run, the paper's "
+                        "ImageNet proportion)")
     g.add_argument("--label-smoothing", type=float, default=0.1)
     g.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 + GradScaler on CUDA)")
@@ -37,7 +44,7 @@ def config_from_args(args, method: str, out: str, epochs: int | None = None, **o
     cfg = TrainConfig(method=method, arch=args.arch, dataset=args.dataset, data_dir=args.data_dir,
                       image_size=args.image_size, optimizer=getattr(args, "optimizer", "sgd"),
                       epochs=args.epochs if epochs is None else epochs, batch_size=args.batch_size, lr=args.lr,
-                      weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
+                      lr_base=args.lr_base, lr_base_size=args.lr_base_size, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
                       label_smoothing=args.label_smoothing, accumulate=args.accumulate, amp=args.amp,
                       channels_last=args.channels_last, ema=args.ema, seed=args.seed, device=args.device, out=out,
                       quiet=args.quiet)

@@ -85,3 +85,25 @@ def write_folder(root, classes=("cat", "dog", "emu"), per_class=3, size=(10, 14)
                 Image.new("RGB", size[::-1], color).save(root / split / cls / f"{i}.png")
                 colors[(split, cls, i)] = color
     return colors
+
+
+def write_jpeg_folder(root, classes=("cat", "dog", "emu"), per_class=4, val_per_class=2, size=(30, 40), seed=0,
+                      quality=90):
+    """An ImageFolder tree of small JPEGs with smooth random content (varying sizes around `size` = (h, w));
+    returns the list of written paths."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    paths = []
+    for split, n in (("train", per_class), ("val", val_per_class)):
+        for k, cls in enumerate(classes):
+            (root / split / cls).mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                h, w = size[0] + int(rng.integers(0, 9)), size[1] + int(rng.integers(0, 9))
+                low = rng.integers(0, 256, (h // 4 + 1, w // 4 + 1, 3)).astype(np.uint8)
+                img = Image.fromarray(low).resize((w, h), Image.BILINEAR)
+                path = root / split / cls / f"{i:03d}.jpg"
+                img.save(path, quality=quality)
+                paths.append(path)
+    return paths

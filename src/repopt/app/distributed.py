@@ -50,5 +50,18 @@ def barrier() -> None:
         tdist.barrier()
 
 
+def world_size() -> int:
+    return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
+
+
+def all_sum(values: list[float], device: torch.device) -> list[float]:
+    """`values` summed over the ranks (unchanged in a single process): evaluation counts of each rank's shard."""
+    if world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    tdist.all_reduce(t)
+    return t.tolist()
+
+
 def is_tty() -> bool:
     return sys.stderr.isatty()

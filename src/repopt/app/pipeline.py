@@ -19,11 +19,12 @@ METHODS = ("repopt", "repvgg", "plain")
 def int8_column(run_dir: Path, calib_batches: int = 8, quiet: bool = True) -> dict | None:
     """INT8 PTQ top-1 of a finished run's deployed model, or None when the `quant` extra is missing."""
     from .checkpoint import load_trained
-    from ..data import load_dataset
+    from ..data import load_dataset, serving_options
     from ..quant import QuantDependencyError, QuantSettings, evaluate_top1, quantize_ptq
 
     model, conf = load_trained(run_dir, deploy=True)
-    ds = load_dataset(conf["dataset"], conf.get("data_dir"), conf.get("image_size"))
+    ds = load_dataset(conf["dataset"], conf.get("data_dir"), conf.get("image_size"),
+                      **serving_options(conf.get("data_options")))
     settings = QuantSettings(calib_batches=calib_batches)
     try:
         int8 = quantize_ptq(model, ds.calibration_batches(calib_batches, 64), settings)

@@ -54,3 +54,86 @@ def describe_lr(lr: float, lr_base: float | None, global_batch: int, scaling: st
         return f"{lr:g} (given with --lr)"
     rule = f"x {global_batch}/{base_size}" if scaling == "linear" else f"x sqrt({global_batch}/{base_size})"
     return f"{lr:g} ({lr_base:g} per {base_size} images {rule}, {scaling} scaling)"
+
+
+# -- the paper's recipes as presets (`--recipe NAME`) ------------------------------------------------------------------
+# Data, not code: each preset is the TrainConfig values it sets. The trainer's defaults above stay as they are; a flag
+# given on the command line wins over a preset's value, and the run prints which it overrode.
+#
+#   source                                            number
+#   RepOptimizers README + readme_reproduce_experiments:  ImageNet: 120 epochs, 8 GPUs x 32, BASE_LR 0.1, WEIGHT_DECAY
+#     main_repopt.py command lines                         4e-5, WARMUP_EPOCHS 5, LABEL_SMOOTHING 0.1, AUG.PRESET raug15
+#   RepOptimizers main_repopt.py                      BASE_LR, WARMUP_LR and MIN_LR are all multiplied by
+#                                                     batch x world / 256; SGD nesterov, momentum 0.9
+#   RepOptimizers config.py                           WARMUP_LR 0.0, MIN_LR 0.0 (neither command overrides them, so the
+#                                                     scaled values are 0 too: repopt's warmup starts at ~0, its cosine
+#                                                     ends at 0); TEST.CROP False: Resize(224) + CenterCrop(224);
+#                                                     test batch = per-GPU batch // 2
+#   RepOptimizers lr_scheduler.py                     timm CosineLRScheduler stepped every iteration (t_in_epochs False)
+#   readme_reproduce_experiments (hyper-search)       CIFAR-100: 240 epochs, batch 256 on 1 GPU, BASE_LR 0.1, WEIGHT_DECAY
+#                                                     4e-5, WARMUP_EPOCHS 5 (the paper's text says 10), LABEL_SMOOTHING
+#                                                     0.0, RandomCrop(32, padding 4) + flip
+#   RepOptimizers config.py, earlier version          CLIP_GRAD 5.0 (0.0 in the later one); kept for the search only,
+#                                                     never with RepOpt (clipping breaks the equivalence)
+_IMAGENET = dict(dataset="folder", image_size=224, epochs=120, batch_size=256, optimizer="sgd", lr=None, lr_base=0.1,
+                 lr_base_size=LR_BASE_SIZE, weight_decay=4e-5, warmup_epochs=5.0, momentum=0.9, nesterov=True,
+                 label_smoothing=0.1, grad_clip=None,
+                 data_options={"loader": "stream", "augment": "raug15"})  # eval: Resize(224) + CenterCrop(224)
+_HS_CIFAR100 = dict(method="hs", dataset="cifar100", image_size=32, epochs=240, batch_size=256, optimizer="sgd",
+                    lr=None, lr_base=0.1, lr_base_size=LR_BASE_SIZE, weight_decay=4e-5, warmup_epochs=5.0,
+                    momentum=0.9, nesterov=True, label_smoothing=0.0, grad_clip=HS_GRAD_CLIP, data_options={})
+_SIZES = ("b1", "b2", "l1", "l2")
+PRESETS: dict[str, dict] = {
+    **{f"imagenet-repopt-vgg-{s}": dict(_IMAGENET, method="repopt", arch=f"repopt_vgg_{s}") for s in _SIZES},
+    # the RepVGG baselines: the same recipe, the multi-branch model and plain SGD
+    **{f"imagenet-repvgg-{s}": dict(_IMAGENET, method="repvgg", arch=f"repopt_vgg_{s}") for s in _SIZES},
+    **{f"cifar100-hs-{s}": dict(_HS_CIFAR100, arch=f"repopt_vgg_{s}") for s in _SIZES},
+}
+PRESET_NOTES = {
+    "imagenet": "the paper's ImageNet recipe (8 GPUs x 32 = global batch 256; lr, warmup lr 0 and min lr 0 scale "
+                "with the global batch; test batch per GPU = 16 in the reference code)",
+    "cifar100-hs": "the paper's hyper-search on CIFAR-100 (its reproduction command: warmup 5 epochs, no label "
+                   "smoothing; gradient clipping 5.0 in the search only)",
+}
+
+
+def preset(name: str) -> dict:
+    if name not in PRESETS:
+        raise KeyError(f"unknown recipe {name!r}; known recipes: {', '.join(PRESETS)}")
+    return dict(PRESETS[name])
+
+
+def merge_preset(name: str | None, explicit: dict) -> tuple[dict, dict]:
+    """(settings, overridden): the preset's values with every explicitly given one on top (data_options merged key
+    by key), and {key: (preset value, given value)} for the explicit ones that differ from the preset."""
+    if name is None:
+        return dict(explicit), {}
+    base = preset(name)
+    merged, overridden = dict(base), {}
+    for key, value in explicit.items():
+        if key == "data_options":
+            value = {**base.get("data_options", {}), **value}
+            for k, v in value.items():
+                if base.get("data_options", {}).get(k, v) != v:
+                    overridden[f"data_options.{k}"] = (base["data_options"][k], v)
+        elif key in base and base[key] != value:
+            overridden[key] = (base[key], value)
+        merged[key] = value
+    return merged, overridden
+
+
+def describe_preset(name: str, run: dict, overridden) -> str:
+    """The preset in full, one `key = value` per line, marking the keys in `overridden` with the run's own value
+    (`run`: the run's TrainConfig as a dict)."""
+    notes = next((v for k, v in PRESET_NOTES.items() if name.startswith(k)), "")
+    lines = [f"recipe {name}: {notes}"]
+    for key, value in preset(name).items():
+        items = value.items() if key == "data_options" else [(None, value)]
+        for sub, v in items:
+            full = f"data_options.{sub}" if sub else key
+            if full in overridden:
+                now = run.get("data_options", {}).get(sub) if sub else run.get(key)
+                lines.append(f"  {full} = {now!r}   (given on the command line; the recipe has {v!r})")
+            else:
+                lines.append(f"  {full} = {v!r}")
+    return "\n".join(lines)

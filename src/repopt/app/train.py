@@ -21,7 +21,7 @@ from . import distributed as dist
 from .checkpoint import CHECKPOINT, MODEL, RESULT, CheckpointError, load_run_checkpoint, mode_of, \
     save_checkpoint, save_model
 from .metrics import MetricsLog
-from .recipes import DEFAULTS, LR_BASE_SIZE, default_warmup_epochs, describe_lr, scaled_lr
+from .recipes import DEFAULTS, LR_BASE_SIZE, default_warmup_epochs, describe_lr, describe_preset, scaled_lr
 
 METHODS = ("repopt", "repvgg", "plain", "hs")
 OPTIMIZERS = tuple(DEFAULTS)
@@ -64,6 +64,9 @@ class TrainConfig:
     out: str = "runs/train"
     quiet: bool = False
     model_options: dict = field(default_factory=dict)
+    data_options: dict = field(default_factory=dict)  # repopt.data.load_dataset options (loader, augment, workers...)
+    recipe: str | None = None       # the --recipe preset this run started from (recipes.PRESETS)
+    recipe_overrides: list = field(default_factory=list)  # its settings that explicit flags replaced
     num_classes: int | None = None  # filled in from the dataset
 
     def resolve(self) -> "TrainConfig":
@@ -88,9 +91,10 @@ class TrainConfig:
         lr = describe_lr(self.lr, self.lr_base, self.batch_size, DEFAULTS[self.optimizer].scaling,
                          self.lr_base_size)
         extra = f", momentum {self.momentum}{' nesterov' if self.nesterov else ''}" if self.optimizer == "sgd" else ""
+        data = "".join(f", {k} {v}" for k, v in self.data_options.items())
         return (f"{self.optimizer} lr {lr}, weight decay {self.weight_decay:g}{extra}, warmup "
                 f"{self.warmup_epochs:g} epochs then cosine to 0, label smoothing {self.label_smoothing:g}, "
-                f"batch {self.batch_size}, {self.epochs} epochs")
+                f"batch {self.batch_size}, {self.epochs} epochs{data}")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -191,7 +195,8 @@ def warmup_cosine(total_steps: int, warmup_steps: int):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches, device=None) -> tuple[float, float]:
-    """(top-1 accuracy in %, mean cross-entropy) over `batches` of (x, y)."""
+    """(top-1 accuracy in %, mean cross-entropy) over `batches` of (x, y); under torchrun the counts are summed over
+    the ranks, each of which evaluated its share of the test set (every rank must call it)."""
     was_training = model.training
     model.eval()
     correct = total = 0
@@ -202,6 +207,7 @@ def evaluate(model: nn.Module, batches, device=None) -> tuple[float, float]:
         correct += int((logits.argmax(1) == y).sum())
         total += y.numel()
     model.train(was_training)
+    correct, total, loss = dist.all_sum([correct, total, loss], device or next(model.parameters()).device)
     return 100.0 * correct / max(total, 1), loss / max(total, 1)
 
 
@@ -249,7 +255,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     cfg.validate()  # also resolves the recipe's defaults (lr from the per-256 base, wd, warmup)
     rank, world, device = dist.setup(resolve_device(cfg.device))
     try:
-        ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size)
+        ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, **cfg.data_options)
         cfg.num_classes, cfg.image_size = ds.num_classes, ds.image_size
         if cfg.batch_size % (world * cfg.accumulate):
             raise TrainingError(f"--batch-size {cfg.batch_size} must be divisible by world size x --accumulate = "
@@ -304,7 +310,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
         show = rank == 0 and not cfg.quiet and dist.is_tty()
         if rank == 0 and not cfg.quiet:
+            if cfg.recipe:
+                print(describe_preset(cfg.recipe, asdict(cfg), cfg.recipe_overrides), flush=True)
             print(f"[{cfg.method}] {cfg.describe()}", flush=True)
+            if hasattr(ds, "describe"):
+                print(f"[{cfg.method}] data: {ds.describe()}", flush=True)
         for epoch in range(start_epoch, cfg.epochs):
             net.train()
             t0, seen, loss_sum, correct = time.perf_counter(), 0, 0.0, 0
@@ -325,8 +335,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                             f"{epoch * steps_per_epoch + step} (epoch {epoch + 1}); stopped, "
                                             f"{_kept(ckpt_path, epoch)} (lower --lr?)")
                     scaler.scale(loss / cfg.accumulate).backward()
-                    loss_sum += float(loss.detach()) * ym.numel()
-                    correct += int((logits.argmax(1) == ym).sum())
+                    loss_sum += float(loss.detach()) * xm.shape[0]
+                    labels = ym if ym.dim() == 1 else ym.argmax(1)  # mixup / cutmix: the larger share
+                    correct += int((logits.argmax(1) == labels).sum())
                 if cfg.grad_clip:
                     scaler.unscale_(optimizer)
                     nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
@@ -350,7 +361,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                     f"{(epoch + 1) * steps_per_epoch - 1}); stopped, {_kept(ckpt_path, epoch)} "
                                     f"(lower --lr?)")
             eval_model = ema.module if ema is not None else model
-            top1, test_loss = evaluate(eval_model, ds.test_batches(256, device=device))
+            top1, test_loss = evaluate(eval_model, ds.test_batches(256, device=device, rank=rank, world_size=world),
+                                       device)
             log.write({"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0],
                        "train_loss": loss_sum / max(seen, 1), "train_top1": 100.0 * correct / max(seen, 1),
                        "test_loss": test_loss, "test_top1": top1, "epoch_seconds": epoch_seconds,
@@ -381,10 +393,11 @@ def _finish(cfg, model, ds, device, out: Path, train_seconds, skipped, steps_per
     from ..models import reparameterize_model
     from ..quant.fold import fold_batchnorm
 
-    top1, _ = evaluate(model, ds.test_batches(256, device=device))
+    top1, _ = evaluate(model, ds.test_batches(256, device=device, rank=rank, world_size=dist.world_size()), device)
     # the network that ships: RepVGG blocks fused into one conv each, BN folded into the convs
     deployed = fold_batchnorm(reparameterize_model(model.eval()) if cfg.method == "repvgg" else model.eval())
-    deployed_top1 = evaluate(deployed, ds.test_batches(256, device=device))[0]
+    deployed_top1 = evaluate(deployed, ds.test_batches(256, device=device, rank=rank,
+                                                       world_size=dist.world_size()), device)[0]
     images = cfg.epochs * steps_per_epoch * cfg.batch_size
     result = {"method": cfg.method, "arch": cfg.arch, "dataset": cfg.dataset, "optimizer": cfg.optimizer,
               "epochs": cfg.epochs, "top1": top1, "deployed_top1": deployed_top1,

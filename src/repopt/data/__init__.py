@@ -1,5 +1,6 @@
 """Datasets for repopt: the embedded handwritten digits, CIFAR-10/100 (torchvision's files, no torchvision needed)
-and ImageFolder trees, all held in memory and served as normalized, augmented batches on the training device.
+and ImageFolder trees (in memory when small, streamed from disk when large), all served as normalized, augmented
+batches on the training device.
 
     from repopt.data import load_dataset
     ds = load_dataset("digits")                      # or "cifar10" / "cifar100" / "folder" with data_dir=...
@@ -16,14 +17,24 @@ DATASETS = ("digits", "cifar10", "cifar100", "folder")
 DEFAULT_IMAGE_SIZE = {"digits": 16, "cifar10": 32, "cifar100": 32, "folder": 32}
 
 
-def load_dataset(name: str, data_dir=None, image_size: int | None = None) -> Dataset:
+def load_dataset(name: str, data_dir=None, image_size: int | None = None, *, random_erase: float = 0.0,
+                 mixup: float = 0.0, cutmix: float = 0.0, **folder_options) -> Dataset:
     """Load dataset ``name`` (one of DATASETS) served at ``image_size`` x ``image_size`` pixels (default
     16 for digits, 32 otherwise).
 
     ``digits`` is embedded in the package and takes no data_dir; ``cifar10`` / ``cifar100`` read torchvision's
-    download folders under ``data_dir``; ``folder`` reads ``data_dir/train/<class>/`` and ``data_dir/val/<class>/``.
-    Raises DataError with one sentence naming the problem.
+    download folders under ``data_dir``; ``folder`` reads ``data_dir/train/<class>/`` and ``data_dir/val/<class>/``,
+    in memory or streamed (``folder_options``: loader, augment, eval_resize, workers, skip_bad, ...; see
+    folder.load_image_folder and stream.StreamedFolder). ``random_erase`` / ``mixup`` / ``cutmix`` add batch-level
+    augmentation to any dataset (batch_aug.py). Raises DataError with one sentence naming the problem.
     """
+    from .batch_aug import with_batch_augment
+
+    ds = _load(name, data_dir, image_size, folder_options)
+    return with_batch_augment(ds, random_erase, mixup, cutmix)
+
+
+def _load(name, data_dir, image_size, folder_options):
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
     if image_size is None:
@@ -37,9 +48,18 @@ def load_dataset(name: str, data_dir=None, image_size: int | None = None) -> Dat
         return load_digits(image_size)
     if name == "folder":
         from .folder import load_image_folder
-        return load_image_folder(data_dir, image_size)
+        return load_image_folder(data_dir, image_size, **folder_options)
+    if folder_options:
+        raise DataError(f"{', '.join(sorted(folder_options))}: image-folder settings, which the {name} dataset does "
+                        f"not take.")
     from .cifar import load_cifar
     return load_cifar(name, data_dir, image_size)
 
 
-__all__ = ["DATASETS", "DataError", "Dataset", "load_dataset"]
+def serving_options(options: dict | None) -> dict:
+    """A run's data options without the training-only batch augmentation: what evaluation, calibration and
+    quantization of that run load its dataset with."""
+    return {k: v for k, v in (options or {}).items() if k not in ("random_erase", "mixup", "cutmix")}
+
+
+__all__ = ["DATASETS", "DataError", "Dataset", "load_dataset", "serving_options"]

@@ -203,16 +203,18 @@ class Dataset:
                             None if flips is None else flips[lo:hi])
             yield x, dev["train_y"][idx]
 
-    def test_batches(self, batch_size: int, device="cpu") -> Iterator[Batch]:
-        """All test images in their stored order, without augmentation; the last batch may be smaller."""
+    def test_batches(self, batch_size: int, device="cpu", rank: int = 0, world_size: int = 1) -> Iterator[Batch]:
+        """Test images in their stored order, without augmentation; the last batch may be smaller. With several
+        ranks, rank r gets its contiguous share (sum the counts over ranks for the whole set)."""
         if int(batch_size) < 1:
             raise DataError(f"batch_size must be at least 1, got {batch_size}.")
-        return self._test_iter(batch_size, device)
+        return self._test_iter(batch_size, device, *_shard(0, self.num_test, rank, world_size))
 
-    def _test_iter(self, batch_size, device) -> Iterator[Batch]:
+    def _test_iter(self, batch_size, device, start, stop) -> Iterator[Batch]:
         dev = self._on_device(device)
-        for lo in range(0, self.num_test, batch_size):
-            yield self._serve(dev, dev["test_x"][lo:lo + batch_size]), dev["test_y"][lo:lo + batch_size]
+        for lo in range(start, stop, batch_size):
+            hi = min(lo + batch_size, stop)
+            yield self._serve(dev, dev["test_x"][lo:hi]), dev["test_y"][lo:hi]
 
     def calibration_batches(self, n_batches: int, batch_size: int, device="cpu") -> list[Batch]:
         """A few shuffled train batches without augmentation (fixed seed), e.g. for INT8 calibration."""

@@ -1,6 +1,7 @@
-"""ImageFolder trees (root/train/<class>/*, root/val/<class>/*) decoded once into memory at the served size.
+"""ImageFolder trees (root/train/<class>/*, root/val/<class>/*): decoded once into memory at the served size when
+small, streamed from disk per epoch (stream.py) when large or when a full-resolution augmentation is asked for.
 
-Decoding uses torchvision.io when torchvision is installed and Pillow otherwise (Pillow alone is enough); either way
+In memory, decoding uses torchvision.io when torchvision is installed and Pillow otherwise (Pillow alone is enough); either way
 the image is resized in torch (shorter side to the target, bilinear with antialias, then a centre crop), so both
 back ends give the same pixels up to decoder differences.
 """
@@ -16,18 +17,21 @@ import torch.nn.functional as F
 
 from .dataset import Dataset
 from .errors import DataError
+from .imagefiles import IMAGE_EXTENSIONS, INSTALL_HINT as _INSTALL_HINT, scan_folder, to_rgb  # noqa: F401
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".ppm", ".pgm", ".tif", ".tiff", ".webp", ".gif"})
-# The loader keeps every image in memory; refuse sets that would not fit rather than swap the machine to death.
+LOADERS = ("auto", "memory", "stream")
+MEMORY_POLICY = "pad-crop-flip"   # the in-memory loader's batched augmentation
+# The in-memory loader keeps every image in memory; refuse sets that would not fit rather than swap the machine to
+# death. "auto" streams well before that: decoding a large set up front takes minutes and the memory of the run.
 MAX_BYTES = 8 << 30
-_INSTALL_HINT = "pip install 'repopt[vision]'"
+AUTO_MEMORY_BYTES = 2 << 30
 
 
 def _backend() -> str:
     try:
         import torchvision.io  # noqa: F401
         return "torchvision"
-    except ImportError:
+    except Exception:  # noqa: BLE001 - absent, or installed but broken against this torch
         pass
     try:
         import PIL.Image  # noqa: F401
@@ -42,7 +46,7 @@ def _decode_pillow(path: Path, size: int) -> torch.Tensor:
 
     with Image.open(path) as im:
         im.draft("RGB", (size, size))  # JPEG only: let the decoder downscale by 2/4/8, never below `size`
-        arr = np.asarray(im.convert("RGB"))
+        arr = np.asarray(to_rgb(im))
     return torch.from_numpy(arr.copy()).permute(2, 0, 1)
 
 
@@ -50,7 +54,10 @@ def _decode_torchvision(path: Path, size: int) -> torch.Tensor:
     from torchvision import io
 
     try:
-        return io.decode_image(io.read_file(str(path)), mode=io.ImageReadMode.RGB)
+        img = io.decode_image(io.read_file(str(path)), mode=io.ImageReadMode.RGB)
+        if img.dtype == torch.uint8:
+            return img
+        return _decode_pillow(path, size)  # 16-bit PNG: Pillow's path scales it to 8 bits
     except (RuntimeError, ValueError):  # a format torchvision cannot decode (e.g. BMP, TIFF): Pillow may
         return _decode_pillow(path, size)
 
@@ -66,25 +73,6 @@ def _fit(img: torch.Tensor, size: int) -> torch.Tensor:
         top, left = (nh - size) // 2, (nw - size) // 2
         img = x[:, top:top + size, left:left + size].round().clamp(0, 255).to(torch.uint8)
     return img
-
-
-def _scan(split_dir: Path, classes: list[str]) -> tuple[list[Path], list[int]]:
-    files, labels = [], []
-    for label, cls in enumerate(classes):
-        cls_dir = split_dir / cls
-        if not cls_dir.is_dir():
-            continue  # a class absent from val is allowed; an empty one is not (checked below)
-        found = sorted(p for p in cls_dir.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
-        if not found:
-            raise DataError(f"class folder {cls_dir} holds no images (looked for "
-                            f"{', '.join(sorted(IMAGE_EXTENSIONS))}).")
-        files += found
-        labels += [label] * len(found)
-    return files, labels
-
-
-def _class_dirs(split_dir: Path) -> list[str]:
-    return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
 def _read_all(files: list[Path], size: int, backend: str) -> torch.Tensor:
@@ -103,35 +91,48 @@ def _read_all(files: list[Path], size: int, backend: str) -> torch.Tensor:
         return torch.stack(list(pool.map(one, files)))
 
 
-def load_image_folder(data_dir, image_size: int) -> Dataset:
-    """Read ``data_dir/train/<class>/*`` and ``data_dir/val/<class>/*`` (or ``test/``) into memory at ``image_size``."""
-    if data_dir is None:
-        raise DataError("the folder dataset needs data_dir (--data-dir): a directory with train/<class>/ and "
-                        "val/<class>/ subfolders of images.")
-    root = Path(data_dir).expanduser()
-    if not root.is_dir():
-        raise DataError(f"data directory {root} does not exist or is not a directory.")
-    train_dir = root / "train"
-    val_dir = next((root / v for v in ("val", "test") if (root / v).is_dir()), None)
-    if not train_dir.is_dir() or val_dir is None:
-        raise DataError(f"{root} must hold train/ and val/ (or test/) subfolders with one folder per class.")
-    classes = _class_dirs(train_dir)
-    if not classes:
-        raise DataError(f"{train_dir} holds no class folders.")
-    unknown = sorted(set(_class_dirs(val_dir)) - set(classes))
-    if unknown:
-        raise DataError(f"{val_dir} has class folders that {train_dir} lacks: {', '.join(unknown)}.")
-    backend = _backend()
-    train_files, train_labels = _scan(train_dir, classes)
-    val_files, val_labels = _scan(val_dir, classes)
-    if not val_files:
-        raise DataError(f"{val_dir} holds no images in any class folder.")
-    need = (len(train_files) + len(val_files)) * 3 * image_size ** 2
+def load_image_folder(data_dir, image_size: int, loader: str = "auto", augment: str | None = None,
+                      eval_resize: int | None = None, **stream_options):
+    """The ImageFolder tree at ``data_dir`` (train/<class>/*, val/<class>/* or test/) served at ``image_size``.
+
+    ``loader``: "memory" decodes every image once at the served size and augments in batches on the device (random
+    crop with padding + flip: small sets, CIFAR-style); "stream" decodes per epoch in worker processes with the
+    paper's transforms (RandomResizedCrop at full resolution + flip, optionally raug15; stream.py); "auto" streams
+    when a full-resolution policy is asked for or the decoded set would take over AUTO_MEMORY_BYTES. ``augment``:
+    the training policy ("pad-crop-flip" in memory; "rrc-flip", "raug15" or "none" streamed; default: the loader's
+    first). ``eval_resize``: shorter side before the centre crop in evaluation (streamed; default image_size).
+    """
+    from .stream import StreamedFolder
+    from .transforms import TRAIN_POLICIES
+
+    if loader not in LOADERS:
+        raise DataError(f"loader must be one of {', '.join(LOADERS)}, got {loader!r}.")
+    if augment is not None and augment not in (MEMORY_POLICY, *TRAIN_POLICIES):
+        raise DataError(f"unknown augmentation policy {augment!r}; choose one of "
+                        f"{', '.join((MEMORY_POLICY, *TRAIN_POLICIES))}.")
+    root, classes, train, val, _ = scan_folder(data_dir)
+    count = len(train) + len(val)
+    need = count * 3 * image_size ** 2
+    if loader == "auto":
+        wants_stream = augment not in (None, MEMORY_POLICY) or eval_resize not in (None, image_size) \
+            or bool(stream_options)
+        loader = "stream" if wants_stream or need > AUTO_MEMORY_BYTES else "memory"
+    if loader == "stream":
+        if augment == MEMORY_POLICY:
+            raise DataError(f"the {MEMORY_POLICY} policy is the in-memory loader's; streamed folders use "
+                            f"{', '.join(TRAIN_POLICIES)}.")
+        return StreamedFolder(root, classes, train, val, image_size, policy=augment or "rrc-flip",
+                              eval_resize=eval_resize, **stream_options)
+    if augment not in (None, MEMORY_POLICY) or eval_resize not in (None, image_size) or stream_options:
+        given = [k for k, v in (("augment", augment), ("eval_resize", eval_resize)) if v is not None]
+        raise DataError(f"the in-memory folder loader takes no {', '.join(given + sorted(stream_options))}: "
+                        f"those are streamed-loader settings (use loader 'stream' or 'auto').")
     if need > MAX_BYTES:
-        raise DataError(f"{root}: {len(train_files) + len(val_files)} images at {image_size}x{image_size} need "
-                        f"{need / 2**30:.1f} GiB in memory, over the in-memory loader's {MAX_BYTES / 2**30:.0f} GiB "
-                        f"limit; use a smaller image_size or a subset.")
-    train_x = _read_all(train_files, image_size, backend)
-    val_x = _read_all(val_files, image_size, backend)
-    return Dataset("folder", train_x, torch.tensor(train_labels), val_x, torch.tensor(val_labels), classes,
+        raise DataError(f"{root}: {count} images at {image_size}x{image_size} need {need / 2**30:.1f} GiB in "
+                        f"memory, over the in-memory loader's {MAX_BYTES / 2**30:.0f} GiB limit; use the streamed "
+                        f"loader (loader 'stream' or 'auto').")
+    backend = _backend()
+    train_x = _read_all([train.path(i) for i in range(len(train))], image_size, backend)
+    val_x = _read_all([val.path(i) for i in range(len(val))], image_size, backend)
+    return Dataset("folder", train_x, torch.from_numpy(train.labels), val_x, torch.from_numpy(val.labels), classes,
                    image_size=image_size, flip=True, source=str(root))

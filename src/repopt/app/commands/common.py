@@ -4,23 +4,33 @@ from __future__ import annotations
 from ..train import TrainConfig
 
 
+# What a flag left out means when no --recipe gives it (argparse defaults are None so that a recipe can tell a flag
+# given explicitly from one left out).
+BUILTIN = dict(arch="repopt_vgg_tiny", dataset="digits", batch_size=64, lr_base_size=256, label_smoothing=0.1)
+
+
 def add_training_arguments(p, out_default: str, epochs_default: int = 30) -> None:
     from ...data import DATASETS
+    from .data_args import add_data_arguments, add_recipe_argument
 
+    p.set_defaults(_epochs_default=epochs_default)
+    add_recipe_argument(p)
     g = p.add_argument_group("data and model")
-    g.add_argument("--dataset", default="digits", choices=DATASETS,
+    g.add_argument("--dataset", default=None, choices=DATASETS,
                    help="digits (embedded, default), cifar10, cifar100 or folder (ImageFolder train/ val/)")
     g.add_argument("--data-dir", default=None, help="dataset root (cifar10/cifar100/folder)")
     g.add_argument("--image-size", type=int, default=None, help="input size in pixels (default 32)")
-    g.add_argument("--arch", default="repopt_vgg_tiny", help="model name (see `repopt train --list-archs`)")
+    g.add_argument("--arch", default=None, help="model name (default repopt_vgg_tiny; see `repopt train "
+                                                "--list-archs`)")
+    add_data_arguments(g)
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=epochs_default)
+    g.add_argument("--epochs", type=int, default=None, help=f"default {epochs_default}")
     g.add_argument("--hs-epochs", type=int, default=None, help="hyper-search epochs (default: --epochs)")
-    g.add_argument("--batch-size", type=int, default=64, help="global batch per optimizer step (default 64)")
+    g.add_argument("--batch-size", type=int, default=None, help="global batch per optimizer step (default 64)")
     g.add_argument("--lr-base", type=float, default=None,
                    help="peak learning rate per --lr-base-size images, scaled to the global batch as the paper does "
                         "(default: sgd 0.1 per 256, linear; adamw 4e-3 and lion 4e-4 per 256, sqrt)")
-    g.add_argument("--lr-base-size", type=int, default=256, help="the batch size --lr-base is given for (256)")
+    g.add_argument("--lr-base-size", type=int, default=None, help="the batch size --lr-base is given for (256)")
     g.add_argument("--lr", type=float, default=None,
                    help="absolute peak learning rate; overrides --lr-base (default: from --lr-base)")
     g.add_argument("--weight-decay", type=float, default=None,
@@ -28,7 +38,7 @@ def add_training_arguments(p, out_default: str, epochs_default: int = 30) -> Non
     g.add_argument("--warmup-epochs", type=float, default=None,
                    help="linear warmup before the cosine decay (default: the first 5/120 of the run, the paper's "
                         "ImageNet proportion)")
-    g.add_argument("--label-smoothing", type=float, default=0.1)
+    g.add_argument("--label-smoothing", type=float, default=None, help="default 0.1")
     g.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 + GradScaler on CUDA)")
     g.add_argument("--channels-last", action="store_true")
@@ -41,13 +51,30 @@ def add_training_arguments(p, out_default: str, epochs_default: int = 30) -> Non
 
 
 def config_from_args(args, method: str, out: str, epochs: int | None = None, **overrides) -> TrainConfig:
-    cfg = TrainConfig(method=method, arch=args.arch, dataset=args.dataset, data_dir=args.data_dir,
-                      image_size=args.image_size, optimizer=getattr(args, "optimizer", "sgd"),
-                      epochs=args.epochs if epochs is None else epochs, batch_size=args.batch_size, lr=args.lr,
-                      lr_base=args.lr_base, lr_base_size=args.lr_base_size, weight_decay=args.weight_decay, warmup_epochs=args.warmup_epochs,
-                      label_smoothing=args.label_smoothing, accumulate=args.accumulate, amp=args.amp,
-                      channels_last=args.channels_last, ema=args.ema, seed=args.seed, device=args.device, out=out,
-                      quiet=args.quiet)
-    for k, v in overrides.items():
-        setattr(cfg, k, v)
+    """The run's TrainConfig: the --recipe preset (if any), then every flag given explicitly, then BUILTIN.
+    `method` is the command's own (explicit unless the command has a --method flag, whose value is then explicit
+    only when given); `overrides` are explicit unless None."""
+    from ..recipes import merge_preset
+    from .data_args import data_options
+
+    given = {k: getattr(args, k) for k in ("arch", "dataset", "data_dir", "image_size", "batch_size", "lr", "lr_base",
+                                           "lr_base_size", "weight_decay", "warmup_epochs", "label_smoothing")
+             if getattr(args, k) is not None}
+    if epochs is not None or args.epochs is not None:
+        given["epochs"] = args.epochs if epochs is None else epochs
+    method_flag = getattr(args, "method", "not a flag")
+    if method_flag == "not a flag" or method_flag is not None:
+        given["method"] = method if method_flag == "not a flag" else method_flag
+    if getattr(args, "optimizer", None) is not None:
+        given["optimizer"] = args.optimizer
+    given.update({k: v for k, v in overrides.items() if v is not None})
+    options = data_options(args)
+    if options:
+        given["data_options"] = options
+    settings, overridden = merge_preset(args.recipe, given)
+    defaults = {**BUILTIN, "method": method, "epochs": args._epochs_default}
+    settings = {**{k: v for k, v in defaults.items() if k not in settings}, **settings}
+    cfg = TrainConfig(out=out, amp=args.amp, channels_last=args.channels_last, ema=args.ema, seed=args.seed,
+                      device=args.device, quiet=args.quiet, recipe=args.recipe,
+                      recipe_overrides=sorted(overridden), **settings)
     return cfg

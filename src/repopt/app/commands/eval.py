@@ -26,13 +26,14 @@ def add_arguments(p) -> None:
 
 def run(args) -> int:
     from ..checkpoint import load_trained
-    from ...data import load_dataset
+    from ...data import load_dataset, serving_options
     from ..train import evaluate, resolve_device
 
     model, cfg = load_trained(args.checkpoint, deploy=args.deploy)
     dataset = args.dataset or cfg["dataset"]
     data_dir = args.data_dir if args.dataset else cfg.get("data_dir")
-    ds = load_dataset(dataset, data_dir, cfg.get("image_size"))
+    options = serving_options(cfg.get("data_options")) if dataset == cfg["dataset"] else {}
+    ds = load_dataset(dataset, data_dir, cfg.get("image_size"), **options)
     if ds.num_classes != cfg["num_classes"]:
         from ..cli import UserError
 

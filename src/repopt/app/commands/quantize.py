@@ -64,11 +64,12 @@ def load_deployed(path):
 def dataset_for(args, cfg):
     """The dataset named on the command line, else the one the run was trained on, at the run's image size."""
     from ..cli import UserError
-    from ...data import load_dataset
+    from ...data import load_dataset, serving_options
 
     name = args.dataset or cfg["dataset"]
     data_dir = args.data_dir or (cfg.get("data_dir") if name == cfg["dataset"] else None)
-    ds = load_dataset(name, data_dir, cfg.get("image_size"))
+    options = serving_options(cfg.get("data_options")) if name == cfg["dataset"] else {}
+    ds = load_dataset(name, data_dir, cfg.get("image_size"), **options)
     if ds.num_classes != cfg["num_classes"]:
         raise UserError(f"the model has {cfg['num_classes']} classes but {name} has {ds.num_classes}")
     return ds

@@ -11,6 +11,8 @@ EXAMPLES = """examples:
       --data-dir /data/imagenet --image-size 224 --batch-size 256 --epochs 120
   repopt train --method repvgg --dataset cifar10 --data-dir ~/data --out runs/repvgg
   torchrun --nproc_per_node=2 -m repopt train --method plain --out runs/plain-ddp
+  torchrun --nproc_per_node=8 -m repopt train --recipe imagenet-repopt-vgg-b1 --scales RepOpt-VGG-B1-scales.pth \
+      --dataset folder --data-dir /imagenet --out runs/b1      # the paper's ImageNet recipe, streamed folder
 Re-running the same command with the same --out resumes from the last checkpoint.
 """
 
@@ -19,7 +21,7 @@ def add_arguments(p) -> None:
     from ..train import METHODS, OPTIMIZERS
     from .common import add_training_arguments
 
-    p.add_argument("--method", default="repopt", choices=METHODS)
+    p.add_argument("--method", default=None, choices=METHODS, help="default repopt (or the --recipe's)")
     p.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS)
     p.add_argument("--scales", default=None, help="scales file (safetensors or a released .pth) for --method "
                                                   "repopt; without it the hyper-search runs first")
@@ -40,7 +42,7 @@ def run(args) -> int:
     if args.list_archs:
         print("\n".join(list_models()))
         return 0
-    cfg = config_from_args(args, args.method, args.out, scales=args.scales, identity_init=args.identity_init,
+    cfg = config_from_args(args, "repopt", args.out, scales=args.scales, identity_init=args.identity_init,
                            grad_clip=args.grad_clip)
     result = train_repopt(cfg, args.hs_epochs)
     if args.json:

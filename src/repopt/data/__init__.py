@@ -41,6 +41,9 @@ def _load(name, data_dir, image_size, folder_options):
         image_size = DEFAULT_IMAGE_SIZE[name]
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
         raise DataError(f"image_size must be a positive integer, got {image_size!r}.")
+    if folder_options and name != "folder":
+        raise DataError(f"{', '.join(sorted(folder_options))}: image-folder settings, which the {name} dataset does "
+                        f"not take.")
     if name == "digits":
         if data_dir is not None:
             raise DataError(f"the digits dataset is embedded in repopt and takes no data_dir (got {data_dir}).")
@@ -49,9 +52,6 @@ def _load(name, data_dir, image_size, folder_options):
     if name == "folder":
         from .folder import load_image_folder
         return load_image_folder(data_dir, image_size, **folder_options)
-    if folder_options:
-        raise DataError(f"{', '.join(sorted(folder_options))}: image-folder settings, which the {name} dataset does "
-                        f"not take.")
     from .cifar import load_cifar
     return load_cifar(name, data_dir, image_size)
 

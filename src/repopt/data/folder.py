@@ -66,11 +66,13 @@ def _fit(img: torch.Tensor, size: int) -> torch.Tensor:
     """uint8 (3, H, W) -> uint8 (3, size, size): shorter side to `size`, then centre crop (like Resize+CenterCrop)."""
     h, w = img.shape[-2:]
     if (h, w) != (size, size):
-        scale = size / min(h, w)
-        nh, nw = max(size, round(h * scale)), max(size, round(w * scale))
+        # the geometry of the streamed loader's Resize + CenterCrop (transforms.py), so both cut the same window
+        from .transforms import center_box, resize_shorter
+
+        nw, nh = resize_shorter(w, h, size)
         x = F.interpolate(img[None].float(), size=(nh, nw), mode="bilinear", align_corners=False,
-                          antialias=scale < 1)[0]
-        top, left = (nh - size) // 2, (nw - size) // 2
+                          antialias=size < min(h, w))[0]
+        left, top, _, _ = center_box(nw, nh, size)
         img = x[:, top:top + size, left:left + size].round().clamp(0, 255).to(torch.uint8)
     return img
 

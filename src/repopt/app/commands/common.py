@@ -74,7 +74,6 @@ def config_from_args(args, method: str, out: str, epochs: int | None = None, **o
     settings, overridden = merge_preset(args.recipe, given)
     defaults = {**BUILTIN, "method": method, "epochs": args._epochs_default}
     settings = {**{k: v for k, v in defaults.items() if k not in settings}, **settings}
-    cfg = TrainConfig(out=out, amp=args.amp, channels_last=args.channels_last, ema=args.ema, seed=args.seed,
-                      device=args.device, quiet=args.quiet, recipe=args.recipe,
-                      recipe_overrides=sorted(overridden), **settings)
-    return cfg
+    return TrainConfig(out=out, accumulate=args.accumulate, amp=args.amp, channels_last=args.channels_last,
+                       ema=args.ema, seed=args.seed, device=args.device, quiet=args.quiet, recipe=args.recipe,
+                       recipe_overrides=sorted(overridden), **settings)

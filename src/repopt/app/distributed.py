@@ -54,6 +54,14 @@ def world_size() -> int:
     return tdist.get_world_size() if tdist.is_available() and tdist.is_initialized() else 1
 
 
+def sync_buffers(model: nn.Module) -> None:
+    """Give every rank rank 0's buffers (BatchNorm running statistics), so that the ranks evaluate, together, the
+    model rank 0 saves: DDP broadcasts them before each forward, and each rank's last forward then moved its own."""
+    if world_size() > 1:
+        for b in model.buffers():
+            tdist.broadcast(b, 0)
+
+
 def all_sum(values: list[float], device: torch.device) -> list[float]:
     """`values` summed over the ranks (unchanged in a single process): evaluation counts of each rank's shard."""
     if world_size() == 1:

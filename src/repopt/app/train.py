@@ -361,6 +361,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                     f"{(epoch + 1) * steps_per_epoch - 1}); stopped, {_kept(ckpt_path, epoch)} "
                                     f"(lower --lr?)")
             eval_model = ema.module if ema is not None else model
+            dist.sync_buffers(eval_model)
             top1, test_loss = evaluate(eval_model, ds.test_batches(256, device=device, rank=rank, world_size=world),
                                        device)
             log.write({"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0],

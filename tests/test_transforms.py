@@ -166,3 +166,22 @@ def test_random_erasing_fills_one_rectangle_per_chosen_image():
     assert (random_erase(torch.zeros(4, 3, 8, 8), 0.0, np.random.default_rng(0)) == 0).all()
     with pytest.raises(DataError, match="random erasing probability"):
         BatchAugmented(None, random_erase=1.5)
+
+
+def test_torchvision_backend_gives_the_same_pixels():
+    """Runs where torchvision imports (not beside torch 2.13 here: see docs/benchmarks.md for the venv it ran in)."""
+    from repopt.data.transforms import resolve_backend
+
+    if resolve_backend("auto") != "torchvision":
+        pytest.skip("torchvision does not import here")
+    from torchvision.transforms import v2
+
+    img = photo(97, 61)
+    for policy in ("rrc-flip", "raug15"):
+        pil, tv = TrainTransform(32, policy, "pillow"), TrainTransform(32, policy, "torchvision")
+        for seed in range(10):
+            assert torch.equal(pil(img, random.Random(seed)), tv(img, random.Random(seed))), (policy, seed)
+    for resize in (None, 40):
+        ours = EvalTransform(32, resize, "pillow")(img)
+        reference = v2.Compose([v2.Resize(resize or 32, antialias=True), v2.CenterCrop(32)])(img)
+        assert torch.equal(ours, torch.from_numpy(np.asarray(reference).copy()).permute(2, 0, 1))

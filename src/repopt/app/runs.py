@@ -21,7 +21,7 @@ def hs_config(base: TrainConfig, out: Path, hs_epochs: int) -> TrainConfig:
     """The hyper-search run that goes with `base`: same data, model and seed; the HS recipe's optimizer settings."""
     return dataclasses.replace(base, method="hs", optimizer="sgd", epochs=hs_epochs, out=str(out), scales=None,
                                grad_clip=HS_GRAD_CLIP, lr=None, lr_base=None, weight_decay=None, warmup_epochs=None,
-                               ema=None)
+                               ema=None, recipe=None, recipe_overrides=[])
 
 
 def search_scales(hs: TrainConfig) -> tuple[Path, dict]:

@@ -100,7 +100,7 @@ def load_image_folder(data_dir, image_size: int, loader: str = "auto", augment: 
     ``loader``: "memory" decodes every image once at the served size and augments in batches on the device (random
     crop with padding + flip: small sets, CIFAR-style); "stream" decodes per epoch in worker processes with the
     paper's transforms (RandomResizedCrop at full resolution + flip, optionally raug15; stream.py); "auto" streams
-    when a full-resolution policy is asked for or the decoded set would take over AUTO_MEMORY_BYTES. ``augment``:
+    when a streamed policy or setting is asked for or the decoded set would take over AUTO_MEMORY_BYTES. ``augment``:
     the training policy ("pad-crop-flip" in memory; "rrc-flip", "raug15" or "none" streamed; default: the loader's
     first). ``eval_resize``: shorter side before the centre crop in evaluation (streamed; default image_size).
     """

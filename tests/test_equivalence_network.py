@@ -60,15 +60,6 @@ def _train(model, opt, batches):
         opt.step()
 
 
-@pytest.fixture
-def one_thread():
-    # tiny float64 convs: threads only add overhead (and spin badly on a busy 2-core machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_csla_network_equals_target_with_repopt_sgd(one_thread):
     gen = torch.Generator().manual_seed(1)
     csla, target, convs, scales = _start(gen)

@@ -10,6 +10,8 @@ import pytest
 from repopt.app.cli import main
 from repopt.app.train import TrainConfig, train
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny models
+
 HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
 HAS_ONNX = all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxscript", "onnxruntime"))
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
@@ -23,18 +25,6 @@ def _train(out, method, **kw):
                       batch_size=128, quiet=True, out=str(out), **kw)
     train(cfg)
     return out
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These models are tiny: one torch thread loses little on an idle machine, and on a shared one two threads that
-    wait for each other were measured 4x slower (training) to 20x slower (inference)."""
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -1,11 +1,15 @@
 """The run directory's own files after a crash: temporaries a killed writer left behind, a metrics line cut short
-while appending, and the metrics file rewritten on resume (never half-written)."""
+while appending, the metrics file rewritten on resume (never half-written), and a result.json that cannot mark the run
+finished (torn, from an older version, or from other settings)."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
+from reliability_kit import run_cli, snapshot
 
 from repopt._io import atomic_write
 from repopt.app.checkpoint import CheckpointError
@@ -62,3 +66,49 @@ def test_resume_rewrites_the_metrics_atomically(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["metrics.jsonl"]  # and no temporary
     MetricsLog(path, keep_epochs=2)
     assert read_metrics(path) == lines[:2]
+
+
+# ---- result.json, the "finished" marker that `repopt search` and `repopt pipeline` skip a stage by ----------------
+SEARCH = ["search", "--epochs", "1", "--image-size", "16", "--batch-size", "128"]
+
+
+@pytest.fixture(scope="module")
+def finished_search(tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished") / "search"
+    assert run_cli([*SEARCH, "--quiet", "--out", str(out)])[0] == 0
+    return out
+
+
+def _old_version(result: dict) -> dict:
+    return {k: v for k, v in result.items() if k != "config"}  # before issue 12 a result held no settings
+
+
+@pytest.mark.parametrize("spoil, why", [
+    (lambda p: p.write_bytes(p.read_bytes()[: p.stat().st_size // 2]), "cannot be read (JSONDecodeError)"),
+    (lambda p: p.write_bytes(b"\xff\xfe\x00garbage"), "cannot be read (UnicodeDecodeError)"),
+    (lambda p: p.write_text("[]"), "lacks everything"),
+    (lambda p: p.write_text(json.dumps(_old_version(json.loads(p.read_text())))), "lacks config"),
+    (lambda p: (p.parent / "scales.safetensors").unlink(), "has no scales.safetensors beside it"),
+], ids=["torn", "not-utf8", "not-a-result", "older-version", "no-scales"])
+def test_a_result_that_cannot_mark_the_run_finished_counts_as_unfinished(finished_search, tmp_path, spoil, why):
+    """Re-running the command finishes the run again from its checkpoint (no epoch is trained again) and writes a
+    good result.json; before issue 12 a torn file crashed the command with a traceback."""
+    out = Path(shutil.copytree(finished_search, tmp_path / "search"))
+    spoil(out / "result.json")
+    code, stdout, err = run_cli([*SEARCH, "--out", str(out)])
+    assert code == 0, err
+    assert f"{out / 'result.json'} {why}: the run counts as unfinished" in stdout
+    assert "epoch 1/1" not in stdout  # resumed after its last epoch: nothing trained again
+    result = json.loads((out / "result.json").read_text())
+    assert result["config"]["epochs"] == 1 and (out / "scales.safetensors").is_file()
+    assert [r["epoch"] for r in read_metrics(out / "metrics.jsonl")] == [1]
+
+
+def test_a_finished_run_of_other_settings_is_refused(finished_search, tmp_path):
+    """Before issue 12 `repopt search --epochs 2` (or a pipeline stage) silently reported the 1-epoch run."""
+    out = Path(shutil.copytree(finished_search, tmp_path / "search"))
+    before = snapshot(out)
+    code, _, err = run_cli([*SEARCH[:2], "2", *SEARCH[3:], "--quiet", "--out", str(out)])
+    assert code == 2 and err.count("\n") == 1, err
+    assert "result.json was written by a run with epochs=1, but this command has epochs=2" in err
+    assert snapshot(out) == before

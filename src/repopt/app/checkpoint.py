@@ -20,6 +20,7 @@ from .._io import atomic_write, load_error_reason, write_error_reason
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.safetensors"
 RESULT = "result.json"
+SCALES = "scales.safetensors"  # a hyper-search run's scales
 
 
 class CheckpointError(ValueError):

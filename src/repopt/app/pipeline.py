@@ -46,7 +46,7 @@ def run_pipeline(base: TrainConfig, hs_epochs: int, methods=METHODS, int8: bool 
         cfg = dataclasses.replace(base, method=method, out=str(out / method),
                                   scales=str(scales) if method == "repopt" else None)
         say(f"train {method}: {cfg.epochs} epochs -> {cfg.out}")
-        result = finished_result(Path(cfg.out)) or train(cfg)
+        result = finished_result(cfg) or train(cfg)
         row = {k: result[k] for k in ("method", "top1", "train_seconds", "train_images_per_s", "params")}
         row["deployed_top1"] = result["deployed_top1"]
         if int8:

@@ -5,16 +5,53 @@ import dataclasses
 import json
 from pathlib import Path
 
-from .checkpoint import RESULT
+from .checkpoint import RESULT, SCALES
 from .recipes import HS_GRAD_CLIP
-from .train import TrainConfig, train
+from .train import TrainConfig, check_same_settings, train
+
+# what a finished run's result.json must hold for a re-run to skip it (the pipeline's report reads these)
+RESULT_KEYS = ("method", "top1", "deployed_top1", "train_seconds", "train_images_per_s", "params", "config")
 
 
+def finished_result(cfg: TrainConfig) -> dict | None:
+    """The result of `cfg`'s run when it already finished in cfg.out (a re-run then skips it), else None.
 
-def finished_result(out: Path) -> dict | None:
-    """The result of a run that already finished in `out` (so a re-run skips it), else None."""
-    path = Path(out) / RESULT
-    return json.loads(path.read_text()) if path.is_file() else None
+    A result.json that cannot serve as the marker (torn by a crash or a disk error under a version that wrote it in
+    place, not a result at all, or from a version that did not record the run's settings) counts as unfinished:
+    `train` then resumes from the checkpoint, whose settings it checks, and writes the file again. A result written
+    with other settings than `cfg` is refused, as a checkpoint would be.
+    """
+    out = Path(cfg.out)
+    path = out / RESULT
+    if not path.is_file():
+        return None
+    try:
+        result = json.loads(path.read_text())
+    except (OSError, ValueError) as e:  # ValueError: torn JSON, bytes that are not UTF-8
+        why = f"cannot be read ({type(e).__name__})"
+    else:
+        missing = [k for k in RESULT_KEYS if k not in result] if isinstance(result, dict) else ["everything"]
+        why = f"lacks {', '.join(missing)}" if missing else None
+        if not why and not isinstance(result["config"], dict):
+            why = "holds no settings"
+        if not why and cfg.method == "hs" and not (out / SCALES).is_file():
+            why = f"has no {SCALES} beside it"
+    if why:
+        if not cfg.quiet:
+            print(f"[{cfg.method}] {path} {why}: the run counts as unfinished", flush=True)
+        return None
+    check_same_settings(result["config"], _as_recorded(cfg), path)
+    return result
+
+
+def _as_recorded(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with the defaults a run fills in before it records its settings (the recipe, the image size)."""
+    from ..data import DEFAULT_IMAGE_SIZE
+
+    cfg = dataclasses.replace(cfg).resolve()
+    if cfg.image_size is None:
+        cfg.image_size = DEFAULT_IMAGE_SIZE.get(cfg.dataset)
+    return cfg
 
 
 def hs_config(base: TrainConfig, out: Path, hs_epochs: int) -> TrainConfig:
@@ -26,8 +63,8 @@ def hs_config(base: TrainConfig, out: Path, hs_epochs: int) -> TrainConfig:
 
 def search_scales(hs: TrainConfig) -> tuple[Path, dict]:
     """Train the hyper-search model and return its scales file (a finished search is reused, a stopped one resumed)."""
-    result = finished_result(Path(hs.out)) or train(hs)
-    return Path(hs.out) / "scales.safetensors", result
+    result = finished_result(hs) or train(hs)
+    return Path(hs.out) / SCALES, result
 
 
 def train_repopt(cfg: TrainConfig, hs_epochs: int | None) -> dict:

@@ -18,7 +18,7 @@ from torch import nn
 
 from .._io import write_json
 from . import distributed as dist
-from .checkpoint import CHECKPOINT, MODEL, RESULT, CheckpointError, load_run_checkpoint, mode_of, \
+from .checkpoint import CHECKPOINT, MODEL, RESULT, SCALES, CheckpointError, load_run_checkpoint, mode_of, \
     save_checkpoint, save_model
 from .metrics import MetricsLog
 from .recipes import DEFAULTS, LR_BASE_SIZE, default_warmup_epochs, describe_lr, describe_preset, scaled_lr
@@ -239,7 +239,8 @@ def _first_non_finite(model: nn.Module) -> str | None:
     return None
 
 
-def _check_resumable(saved: dict, cfg: TrainConfig, path: Path) -> None:
+def check_same_settings(saved: dict, cfg: TrainConfig, path: Path) -> None:
+    """Refuse a run directory's file (checkpoint, result) written with other settings than `cfg` (RESUME_KEYS)."""
     for key in RESUME_KEYS:
         if saved.get(key) != getattr(cfg, key):
             raise CheckpointError(f"{path} was written by a run with {key}={saved.get(key)!r}, but this command has "
@@ -269,7 +270,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         ckpt_path = out / CHECKPOINT
         resume = load_run_checkpoint(ckpt_path) if ckpt_path.is_file() else None
         if resume is not None:
-            _check_resumable(resume["config"], cfg, ckpt_path)
+            check_same_settings(resume["config"], cfg, ckpt_path)
 
         torch.manual_seed(cfg.seed)
         model = build_model(cfg)
@@ -404,7 +405,7 @@ def _finish(cfg, model, ds, device, out: Path, train_seconds, skipped, steps_per
               "epochs": cfg.epochs, "top1": top1, "deployed_top1": deployed_top1,
               "train_seconds": train_seconds, "train_images_per_s": images / max(train_seconds, 1e-9),
               "params": sum(p.numel() for p in deployed.parameters()), "skipped_steps": skipped,
-              "out": str(out)}
+              "out": str(out), "config": asdict(cfg)}
     if rank == 0:
         save_model(out / MODEL, model, asdict(cfg))
         if cfg.method == "hs":
@@ -413,8 +414,8 @@ def _finish(cfg, model, ds, device, out: Path, train_seconds, skipped, steps_per
 
             scales = extract_scales(model)
             scales.metadata.update({"arch": cfg.arch, "dataset": cfg.dataset, "hs_epochs": str(cfg.epochs)})
-            save_scales(scales, out / "scales.safetensors")
-            result["scales"] = str(out / "scales.safetensors")
+            save_scales(scales, out / SCALES)
+            result["scales"] = str(out / SCALES)
         write_json(out / RESULT, result)  # the run's "finished" marker: never half-written
         from .metrics import plot_curves
 

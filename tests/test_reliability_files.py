@@ -1,6 +1,7 @@
 """The run directory's own files after a crash: temporaries a killed writer left behind, a metrics line cut short
 while appending, the metrics file rewritten on resume (never half-written), and a result.json that cannot mark the run
 finished (torn, from an older version, or from other settings)."""
+import errno
 import json
 import os
 import shutil
@@ -9,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from reliability_kit import run_cli, snapshot
+from reliability_kit import run_cli, snapshot, temp_files
 
 from repopt._io import atomic_write
 from repopt.app.checkpoint import CheckpointError
@@ -47,6 +48,31 @@ def test_a_broken_line_in_the_middle_is_named(tmp_path):
     path.write_text('{"epoch": 1}\nnot json\n{"epoch": 3}\n')
     with pytest.raises(CheckpointError, match=r"metrics.jsonl: line 2 is not a JSON record"):
         read_metrics(path)
+
+
+@pytest.mark.parametrize("text, line", [
+    ('{"epoch": 1}\n[1, 2]\n{"epoch": 3}\n', 2),  # JSON, but not a record
+    ('{"epoch": 1}\n7\n', 2),  # the last line too: a whole value, not one cut short
+    (b'{"epoch": 1}\n\xff\xfe{"epoch": 2}\n', None),  # a disk error's bytes
+])
+def test_metrics_that_are_not_records_are_named(tmp_path, text, line):
+    """Before issue 12 these crashed a resumed run with a traceback (AttributeError, UnicodeDecodeError)."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_bytes(text if isinstance(text, bytes) else text.encode())
+    what = f": line {line} is not a JSON record" if line else " is not a text file"
+    with pytest.raises(CheckpointError, match=rf"metrics.jsonl{what} \(edit or remove the file\)"):
+        MetricsLog(path, keep_epochs=1)
+
+
+def test_plots_skip_records_without_the_curves(tmp_path):
+    """Rows of another version's metrics (no train_loss / test_top1) are left out of the plot, not a KeyError."""
+    pytest.importorskip("matplotlib")
+    from repopt.app.metrics import plot_curves
+
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 1, "loss": 2.0}\n{"epoch": 2, "train_loss": 1.5, "test_top1": 40.0}\n')
+    assert plot_curves({"run": path}, tmp_path / "curves.png") == tmp_path / "curves.png"
+    assert (tmp_path / "curves.png").stat().st_size > 0
 
 
 def test_resume_rewrites_the_metrics_atomically(tmp_path, monkeypatch):
@@ -112,3 +138,24 @@ def test_a_finished_run_of_other_settings_is_refused(finished_search, tmp_path):
     assert code == 2 and err.count("\n") == 1, err
     assert "result.json was written by a run with epochs=1, but this command has epochs=2" in err
     assert snapshot(out) == before
+
+
+def test_a_full_disk_while_result_json_is_written_is_one_sentence(finished_search, tmp_path, monkeypatch):
+    """A full disk (or an I/O error) while a run writes its result, metrics, report or plots: one sentence that names
+    the file, exit code 2, and the file as it was (before issue 12: an OSError traceback naming the temporary)."""
+    out = Path(shutil.copytree(finished_search, tmp_path / "search"))
+    (out / "result.json").write_text("{")  # torn: the re-run finishes the run and writes it again
+    real = Path.write_text
+
+    def full(self, *args, **kwargs):
+        if self.name.startswith(".result.tmp"):
+            real(self, "{\"ha", **kwargs)  # half a file, then the disk is full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    code, _, err = run_cli([*SEARCH, "--quiet", "--out", str(out)])
+    monkeypatch.undo()
+    assert code == 2 and err == (f"repopt search: error: {out / 'result.json'} could not be written (No space left "
+                                 f"on device); the previous file is left as it was\n"), err
+    assert (out / "result.json").read_text() == "{" and not temp_files(out)

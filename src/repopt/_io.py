@@ -20,12 +20,24 @@ def _temp_prefix(path: Path) -> str:
     return f".{path.stem}.tmp"
 
 
+class WriteError(OSError):
+    """`filename` could not be written (a full disk, an I/O error, ...); the file it would have replaced is as it was.
+    Its text is one sentence that names the file, not the temporary."""
+
+    def __init__(self, path: Path, cause: OSError):
+        super().__init__(cause.errno, cause.strerror or str(cause), str(path))
+
+    def __str__(self) -> str:
+        return f"{self.filename} could not be written ({self.strerror}); the previous file is left as it was"
+
+
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call write(tmp_path), then rename it over `path`: a crash or a full disk never leaves `path` half-written.
 
     The temporary file sits beside `path` and keeps its suffix (so writers that pick a format from the name, such as
     matplotlib, still work). Temporaries that a killed process left beside `path` (their pid no longer runs) are
-    removed first. Returns `path`.
+    removed first. An OSError of the write becomes a WriteError naming `path`; other errors (torch.save's
+    RuntimeError, ...) pass as they are. Returns `path`.
     """
     path = Path(path)
     _remove_stale_temporaries(path)
@@ -35,6 +47,10 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     try:
         write(tmp)
         os.replace(tmp, path)
+    except WriteError:
+        raise
+    except OSError as e:
+        raise WriteError(path, e) from e
     finally:
         if tmp.exists():
             tmp.unlink()

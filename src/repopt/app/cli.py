@@ -28,8 +28,8 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from ..scales import ScalesError
     from .train import TrainingError
 
-    return (UserError, ScalesError, BranchError, ReinitError, CheckpointError, DataError, TrainingError,
-            FileNotFoundError, NotADirectoryError, PermissionError, IsADirectoryError)
+    # OSError: a missing file, a full disk (repopt._io.WriteError names the file it could not write), an I/O error
+    return (UserError, ScalesError, BranchError, ReinitError, CheckpointError, DataError, TrainingError, OSError)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,15 +61,15 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return int(args._run(args) or 0)
+    except BrokenPipeError:  # `repopt ... | head`: the reader left, nothing is wrong (before OSError: it is one)
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except _known_errors() as e:
         print(f"repopt {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"repopt {args.command}: interrupted", file=sys.stderr)
         return 130
-    except BrokenPipeError:  # `repopt ... | head`: the reader left, nothing is wrong
-        sys.stdout = open(os.devnull, "w")
-        return 0
 
 
 if __name__ == "__main__":

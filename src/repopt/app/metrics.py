@@ -25,20 +25,26 @@ class MetricsLog:
 
 def read_metrics(path: Path) -> list[dict]:
     """The records of a metrics file; a last line cut short (a process killed while appending) is dropped."""
+    from .checkpoint import CheckpointError  # the run directory's files share one error for the CLI
+
     path = Path(path)
     if not path.is_file():
         return []
-    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+    except UnicodeDecodeError:
+        raise CheckpointError(f"{path} is not a text file (edit or remove the file)") from None
     records = []
     for i, line in enumerate(lines):
         try:
-            records.append(json.loads(line))
+            record = json.loads(line)
         except json.JSONDecodeError:
-            if i == len(lines) - 1:
+            if i == len(lines) - 1:  # every record is an object: a line cut short never parses
                 break
-            from .checkpoint import CheckpointError  # the run directory's files share one error for the CLI
-
-            raise CheckpointError(f"{path}: line {i + 1} is not a JSON record (edit or remove the file)") from None
+            record = None
+        if not isinstance(record, dict):
+            raise CheckpointError(f"{path}: line {i + 1} is not a JSON record (edit or remove the file)")
+        records.append(record)
     return records
 
 
@@ -55,8 +61,8 @@ def plot_curves(runs: dict[str, Path], path: Path, quiet: bool = False) -> Path 
         return None
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     for label, metrics_path in runs.items():
-        rows = read_metrics(metrics_path)
-        if not rows:
+        rows = [r for r in read_metrics(metrics_path) if {"epoch", "train_loss", "test_top1"} <= r.keys()]
+        if not rows:  # no run yet, or another version's records
             continue
         epochs = [r["epoch"] for r in rows]
         ax_loss.plot(epochs, [r["train_loss"] for r in rows], label=label)

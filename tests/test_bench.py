@@ -37,3 +37,17 @@ def test_bench_refuses_bad_repeats(capsys):
     assert "--repeats" in capsys.readouterr().err
     assert main(["bench", "--quick", "--memory-repeats", "0"]) == 2
     assert "--memory-repeats" in capsys.readouterr().err
+
+
+def test_an_unwritable_save_file_is_refused_before_measuring(tmp_path, capsys, monkeypatch):
+    """--save is checked first: before issue 12 a missing folder surfaced only after the suite (minutes) had run."""
+    import repopt.app.bench as bench
+
+    def measured(*args, **kwargs):
+        raise AssertionError("the suite ran before --save was checked")
+
+    monkeypatch.setattr(bench, "run_suite", measured)
+    for dest, why in ((tmp_path / "no" / "b.json", "No such file or directory"), (tmp_path, "it is a folder")):
+        assert main(["bench", "--quick", "--save", str(dest)]) == 2
+        assert capsys.readouterr().err == f"repopt bench: error: {dest} cannot be written ({why}); nothing was done\n"
+    assert list(tmp_path.iterdir()) == []

@@ -64,6 +64,29 @@ def test_metrics_that_are_not_records_are_named(tmp_path, text, line):
         MetricsLog(path, keep_epochs=1)
 
 
+def test_a_full_disk_while_appending_a_metrics_line_is_one_sentence(tmp_path, monkeypatch):
+    path = tmp_path / "metrics.jsonl"
+    log = MetricsLog(path)
+    log.write({"epoch": 1})
+
+    class FullDisk:
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def write(self, text):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("builtins.open", lambda *args, **kwargs: FullDisk())
+    with pytest.raises(CheckpointError, match=r"metrics.jsonl: a line could not be appended \(No space left on "
+                                              r"device\); the lines before it are kept"):
+        log.write({"epoch": 2})
+    monkeypatch.undo()
+    assert read_metrics(path) == [{"epoch": 1}]
+
+
 def test_plots_skip_records_without_the_curves(tmp_path):
     """Rows of another version's metrics (no train_loss / test_top1) are left out of the plot, not a KeyError."""
     pytest.importorskip("matplotlib")
@@ -159,3 +182,28 @@ def test_a_full_disk_while_result_json_is_written_is_one_sentence(finished_searc
     assert code == 2 and err == (f"repopt search: error: {out / 'result.json'} could not be written (No space left "
                                  f"on device); the previous file is left as it was\n"), err
     assert (out / "result.json").read_text() == "{" and not temp_files(out)
+
+
+def test_search_output_is_checked_first_and_copied_atomically(finished_search, tmp_path, monkeypatch):
+    """`repopt search -o FILE`: a FILE that cannot be written is refused before the search runs, and a copy that
+    fails half-way leaves the FILE that was there (before issue 12: checked after the search, copied in place)."""
+    out = tmp_path / "fresh"
+    code, _, err = run_cli([*SEARCH, "--quiet", "--out", str(out), "-o", str(tmp_path / "no" / "s.safetensors")])
+    assert code == 2 and "s.safetensors cannot be written (No such file or directory)" in err, err
+    assert not out.exists()
+
+    dest = tmp_path / "kept.safetensors"
+    dest.write_bytes(b"the scales of an earlier search")
+    real = shutil.copyfile
+
+    def half_then_full(src, dst, **kwargs):
+        Path(dst).write_bytes(Path(src).read_bytes()[:100])
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(shutil, "copyfile", half_then_full)
+    code, _, err = run_cli([*SEARCH, "--quiet", "--out", str(finished_search), "-o", str(dest)])
+    monkeypatch.setattr(shutil, "copyfile", real)
+    assert code == 2 and f"{dest} could not be written (No space left on device)" in err, err
+    assert dest.read_bytes() == b"the scales of an earlier search" and not temp_files(tmp_path)
+    assert run_cli([*SEARCH, "--quiet", "--out", str(finished_search), "-o", str(dest)])[0] == 0
+    assert dest.read_bytes() == (finished_search / "scales.safetensors").read_bytes()

@@ -5,10 +5,12 @@ import cycles.
 """
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import os
 import re
+import shutil
 import threading
 from pathlib import Path
 
@@ -20,14 +22,24 @@ def _temp_prefix(path: Path) -> str:
     return f".{path.stem}.tmp"
 
 
+def _temp_path(path: Path) -> Path:
+    """A new name beside `path` for a temporary (pid and a counter: unique across processes and threads)."""
+    with _counter_lock:
+        n = next(_counter)
+    return path.with_name(f"{_temp_prefix(path)}{os.getpid()}-{n}{path.suffix}")
+
+
 class WriteError(OSError):
     """`filename` could not be written (a full disk, an I/O error, ...); the file it would have replaced is as it was.
     Its text is one sentence that names the file, not the temporary."""
 
-    def __init__(self, path: Path, cause: OSError):
+    def __init__(self, path: Path, cause: OSError, probed: bool = False):
         super().__init__(cause.errno, cause.strerror or str(cause), str(path))
+        self.probed = probed  # found by check_writable, before any work
 
     def __str__(self) -> str:
+        if self.probed:
+            return f"{self.filename} cannot be written ({self.strerror}); nothing was done"
         return f"{self.filename} could not be written ({self.strerror}); the previous file is left as it was"
 
 
@@ -41,9 +53,7 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     """
     path = Path(path)
     _remove_stale_temporaries(path)
-    with _counter_lock:
-        n = next(_counter)
-    tmp = path.with_name(f"{_temp_prefix(path)}{os.getpid()}-{n}{path.suffix}")
+    tmp = _temp_path(path)
     try:
         write(tmp)
         os.replace(tmp, path)
@@ -55,6 +65,25 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def check_writable(path: str | os.PathLike) -> None:
+    """Raise WriteError now if `path` could not be written later (its folder is missing or read-only, it is a
+    folder): for outputs that are written only after minutes of work. Creates nothing that stays."""
+    path = Path(path)
+    probe = _temp_path(path)
+    try:
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "it is a folder")
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise WriteError(path, e, probed=True) from e
+
+
+def copy_file(src: str | os.PathLike, dest: str | os.PathLike) -> Path:
+    """A copy of `src` at `dest`, atomically."""
+    return atomic_write(dest, lambda tmp: shutil.copyfile(src, tmp))
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

@@ -19,8 +19,14 @@ class MetricsLog:
 
     def write(self, record: dict) -> None:
         if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+            try:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+            except OSError as e:  # a line cut short is dropped when read: the lines before it stay good
+                from .checkpoint import CheckpointError
+
+                raise CheckpointError(f"{self.path}: a line could not be appended ({e.strerror or e}); the lines "
+                                      f"before it are kept") from None
 
 
 def read_metrics(path: Path) -> list[dict]:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._io import write_json
+from .._io import check_writable, write_json
 from . import distributed as dist
 from .checkpoint import CHECKPOINT, MODEL, RESULT, SCALES, CheckpointError, load_run_checkpoint, mode_of, \
     save_checkpoint, save_model
@@ -214,9 +214,7 @@ def evaluate(model: nn.Module, batches, device=None) -> tuple[float, float]:
 def _prepare_out(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write-test"
-        probe.write_text("ok")
-        probe.unlink()
+        check_writable(out / CHECKPOINT)
     except OSError as e:
         raise TrainingError(f"output directory {str(out)!r} is not writable ({e.strerror})") from None
 

@@ -53,11 +53,13 @@ def run(args) -> int:
         raise UserError(f"unknown device {args.device!r} (use cpu, cuda or cuda:N)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UserError(f"device {args.device!r} was asked for but CUDA is not available here")
+    from ..._io import check_writable, write_json
+
+    if args.save:
+        check_writable(args.save)  # now, not after minutes of measuring
     show = not args.quiet and not args.json and sys.stderr.isatty()
     result = run_suite(cfg, device, progress=show)
     if args.save:  # written under a temporary name, then renamed: an earlier file is never left half-written
-        from ..._io import write_json
-
         write_json(args.save, result)
     print(json.dumps(result, indent=2) if args.json else format_report(result))
     return 0

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 NAME = "search"
 HELP = "Hyper-search: train the HS model (trainable branch scales) and write the scales file for RepOpt."
@@ -23,13 +21,15 @@ def add_arguments(p) -> None:
 
 
 def run(args) -> int:
+    from ..._io import check_writable, copy_file
     from ..runs import HS_GRAD_CLIP, search_scales
     from .common import config_from_args
 
+    if args.output:
+        check_writable(args.output)  # before the search, not after it
     scales, result = search_scales(config_from_args(args, "hs", args.out, grad_clip=HS_GRAD_CLIP))
     if args.output:
-        shutil.copyfile(scales, args.output)
-        scales = Path(args.output)
+        scales = copy_file(scales, args.output)
     if args.json:
         print(json.dumps({**result, "scales": str(scales)}, indent=2))
     else:

@@ -130,12 +130,19 @@ def test_multipliers_follow_a_dtype_move_and_lr_scheduler():
 
 def test_from_scales_applies_the_rule_once_and_refuses_trained_models():
     net = small_net()
-    s = scales_for(net)
-    torch.manual_seed(7)
-    RepOptSGD.from_scales(net, s, lr=0.1)
+    s = repopt.Scales(scales_for(net))
+    RepOptSGD.from_scales(net, s, lr=0.1, generator=torch.Generator().manual_seed(7))
+    # the rule of initialization drawn again from the same generator, conv by conv in the same order: W'(0) exactly
+    g, no_identity = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    for name, (_, bs) in s.bind(small_net()).items():
+        expected = bs.initial_kernel(generator=g)
+        assert torch.equal(net.get_submodule(name).weight, expected), name
+        without = bs.initial_kernel(identity_init=0.0, generator=no_identity)
+        identity = torch.zeros_like(expected)  # the searched scale, on the diagonal centre taps only
+        if "identity" in s[name]:
+            identity[:, :, 1, 1] = torch.diag(s[name]["identity"])
+        torch.testing.assert_close(expected - without, identity)
     w = net[3].weight.detach().clone()
-    assert torch.allclose(torch.diagonal(w[:, :, 1, 1]).abs().mean(), torch.tensor(0.0), atol=10) and \
-        not torch.equal(w, small_net()[3].weight)
     opt = RepOptSGD.from_scales(net, s, lr=0.1, reinit=False)
     assert torch.equal(net[3].weight, w)
     train(net, opt, batches(2))

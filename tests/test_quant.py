@@ -191,7 +191,8 @@ def test_qat_smoke(torchao, model):
     with torch.no_grad():
         ref, out = model(x), q(x)
     assert ((out - ref).norm() / ref.norm()).item() < 0.5  # a short, small-lr fine-tune stays near the fp32 model
-    assert 0.0 <= evaluate_top1(q, data) <= 100.0
+    labels = torch.cat([d[1] for d in data])
+    assert evaluate_top1(q, data) == pytest.approx(100.0 * (out.argmax(1) == labels).double().mean().item())
 
 
 def test_evaluate_and_time(model):

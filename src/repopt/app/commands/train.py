@@ -10,8 +10,8 @@ EXAMPLES = """examples:
   repopt train --method repopt --scales RepOpt-VGG-B1.safetensors --arch repopt_vgg_b1 --dataset folder \\
       --data-dir /data/imagenet --image-size 224 --batch-size 256 --epochs 120
   repopt train --method repvgg --dataset cifar10 --data-dir ~/data --out runs/repvgg
-  torchrun --nproc_per_node=2 -m repopt train --method plain --out runs/plain-ddp
-  torchrun --nproc_per_node=8 -m repopt train --recipe imagenet-repopt-vgg-b1 --scales RepOpt-VGG-B1-scales.pth \
+  torchrun --standalone --nproc_per_node=2 -m repopt train --method plain --out runs/plain-ddp   # a free port
+  torchrun --nproc_per_node=8 -m repopt train --recipe imagenet-repopt-vgg-b1 --scales RepOpt-VGG-B1-scales.pth \\
       --dataset folder --data-dir /imagenet --out runs/b1      # the paper's ImageNet recipe, streamed folder
 Re-running the same command with the same --out resumes from the last checkpoint.
 """

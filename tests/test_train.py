@@ -160,3 +160,39 @@ def test_train_repopt_without_scales_searches_first(tmp_path, capsys, arch, one_
     cfg = load_checkpoint(out / "checkpoint.pt")["config"]
     assert cfg["scales"] == str(out / "search" / "scales.safetensors")
     assert json.loads(capsys.readouterr().out)["method"] == "repopt"
+
+
+@pytest.mark.parametrize("command", ["train", "pipeline"])
+@pytest.mark.parametrize("flags, hs_epochs", [(["--epochs", "3"], 3), (["--epochs", "3", "--hs-epochs", "5"], 5)])
+def test_hs_epochs_default_to_epochs_as_the_help_says(command, flags, hs_epochs, tmp_path, monkeypatch, capsys):
+    """Issue 12: `repopt pipeline --help` said --hs-epochs defaults to --epochs while the pipeline used 12."""
+    import repopt.app.pipeline as pipeline
+    import repopt.app.runs as runs
+
+    searched = []
+
+    def fake_train(cfg):  # records the hyper-search's settings instead of training
+        searched.extend([cfg.epochs] if cfg.method == "hs" else [])
+        raise KeyboardInterrupt  # stop there: the command exits 130
+
+    monkeypatch.setattr(runs, "train", fake_train)
+    monkeypatch.setattr(pipeline, "train", fake_train)
+    assert main([command, *flags, "--quiet", "--out", str(tmp_path / "run")]) == 130
+    assert searched == [hs_epochs]
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    assert "hyper-search epochs (default: --epochs)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_search_has_no_hs_epochs_and_zero_is_refused(capsys, monkeypatch, tmp_path):
+    import repopt.app.runs as runs
+
+    def no_training(cfg):
+        raise AssertionError(f"a {cfg.method} run of {cfg.epochs} epochs started")
+
+    monkeypatch.setattr(runs, "train", no_training)
+    with pytest.raises(SystemExit):  # its --epochs are the search's: --hs-epochs was accepted and ignored
+        main(["search", "--hs-epochs", "5", "--out", str(tmp_path / "s")])
+    assert "unrecognized arguments: --hs-epochs 5" in capsys.readouterr().err
+    assert main(["train", "--hs-epochs", "0", "--quiet", "--out", str(tmp_path / "t")]) == 2
+    assert capsys.readouterr().err == "repopt train: error: --hs-epochs must be at least 1, got 0\n"

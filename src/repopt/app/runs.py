@@ -67,9 +67,11 @@ def search_scales(hs: TrainConfig) -> tuple[Path, dict]:
     return Path(hs.out) / SCALES, result
 
 
-def train_repopt(cfg: TrainConfig, hs_epochs: int | None) -> dict:
-    """`repopt train --method repopt`: search scales first when none are given, keeping them under OUT/search."""
+def train_repopt(cfg: TrainConfig, hs_epochs: int | None = None) -> dict:
+    """`repopt train --method repopt`: search scales first when none are given, keeping them under OUT/search
+    (hs_epochs: that search's epochs, by default cfg.epochs)."""
     if cfg.method == "repopt" and not cfg.scales:
-        scales, _ = search_scales(hs_config(cfg, Path(cfg.out) / "search", hs_epochs or cfg.epochs))
+        epochs = cfg.epochs if hs_epochs is None else hs_epochs
+        scales, _ = search_scales(hs_config(cfg, Path(cfg.out) / "search", epochs))
         cfg.scales = str(scales)
     return train(cfg)

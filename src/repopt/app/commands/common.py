@@ -9,7 +9,8 @@ from ..train import TrainConfig
 BUILTIN = dict(arch="repopt_vgg_tiny", dataset="digits", batch_size=64, lr_base_size=256, label_smoothing=0.1)
 
 
-def add_training_arguments(p, out_default: str, epochs_default: int = 30) -> None:
+def add_training_arguments(p, out_default: str, epochs_default: int = 30, hs_epochs: bool = True) -> None:
+    """The data, model and training flags; `hs_epochs` for the commands that run a hyper-search before training."""
     from ...data import DATASETS
     from .data_args import add_data_arguments, add_recipe_argument
 
@@ -24,8 +25,9 @@ def add_training_arguments(p, out_default: str, epochs_default: int = 30) -> Non
                                                 "--list-archs`)")
     add_data_arguments(g)
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=None, help=f"default {epochs_default}")
-    g.add_argument("--hs-epochs", type=int, default=None, help="hyper-search epochs (default: --epochs)")
+    g.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {epochs_default})")
+    if hs_epochs:
+        g.add_argument("--hs-epochs", type=int, default=None, help="hyper-search epochs (default: --epochs)")
     g.add_argument("--batch-size", type=int, default=None, help="global batch per optimizer step (default 64)")
     g.add_argument("--lr-base", type=float, default=None,
                    help="peak learning rate per --lr-base-size images, scaled to the global batch as the paper does "
@@ -77,3 +79,15 @@ def config_from_args(args, method: str, out: str, epochs: int | None = None, **o
     return TrainConfig(out=out, accumulate=args.accumulate, amp=args.amp, channels_last=args.channels_last,
                        ema=args.ema, seed=args.seed, device=args.device, quiet=args.quiet, recipe=args.recipe,
                        recipe_overrides=sorted(overridden), **settings)
+
+
+def hs_epochs_of(args, cfg: TrainConfig) -> int:
+    """--hs-epochs, by default the run's epochs (--epochs, else its recipe's): what the help of `train` and `pipeline`
+    says."""
+    from ..cli import UserError
+
+    if args.hs_epochs is None:
+        return cfg.epochs
+    if args.hs_epochs < 1:
+        raise UserError(f"--hs-epochs must be at least 1, got {args.hs_epochs}")
+    return args.hs_epochs

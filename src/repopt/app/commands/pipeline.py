@@ -11,7 +11,6 @@ Re-running the same command resumes: finished stages are skipped, a stopped one 
 """
 
 DEFAULT_EPOCHS = 12
-DEFAULT_HS_EPOCHS = 12
 
 
 def add_arguments(p) -> None:
@@ -28,10 +27,10 @@ def run(args) -> int:
     import json
 
     from ..pipeline import report_markdown, run_pipeline
-    from .common import config_from_args
+    from .common import config_from_args, hs_epochs_of
 
     base = config_from_args(args, "repopt", args.out)
-    report = run_pipeline(base, args.hs_epochs or DEFAULT_HS_EPOCHS, int8=not args.no_int8)
+    report = run_pipeline(base, hs_epochs_of(args, base), int8=not args.no_int8)
     print(json.dumps(report, indent=2) if args.json else report_markdown(report))
     if not args.json:
         print(f"written: {args.out}/report.json, {args.out}/report.md, {args.out}/curves.png")

@@ -17,7 +17,7 @@ def add_arguments(p) -> None:
 
     p.add_argument("-o", "--output", default=None, help="also copy the scales file here")
     p.add_argument("--json", action="store_true")
-    add_training_arguments(p, "runs/search")
+    add_training_arguments(p, "runs/search", hs_epochs=False)  # --epochs are the search's own
 
 
 def run(args) -> int:

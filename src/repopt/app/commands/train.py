@@ -37,14 +37,14 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     from ...models import list_models
     from ..runs import train_repopt
-    from .common import config_from_args
+    from .common import config_from_args, hs_epochs_of
 
     if args.list_archs:
         print("\n".join(list_models()))
         return 0
     cfg = config_from_args(args, "repopt", args.out, scales=args.scales, identity_init=args.identity_init,
                            grad_clip=args.grad_clip)
-    result = train_repopt(cfg, args.hs_epochs)
+    result = train_repopt(cfg, hs_epochs_of(args, cfg))
     if args.json:
         print(json.dumps(result, indent=2))
     else:

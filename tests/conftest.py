@@ -1,4 +1,6 @@
 """Fixtures shared by several test files."""
+import sys
+
 import pytest
 import torch
 
@@ -12,3 +14,16 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def without_torchao(monkeypatch):
+    """torchao cannot be imported (as without the `quant` extra), and repopt forgets the import it cached."""
+    from repopt.quant import ptq
+
+    ptq._torchao.cache_clear()
+    # None in sys.modules makes an import raise ImportError; cover submodules an earlier test may have imported
+    for name in ["torchao"] + [n for n in sys.modules if n.startswith("torchao.")]:
+        monkeypatch.setitem(sys.modules, name, None)
+    yield
+    ptq._torchao.cache_clear()

@@ -1,7 +1,6 @@
 """BN folding and INT8 quantization (PTQ / QAT through torchao PT2E, lowered to oneDNN int8 kernels)."""
 from __future__ import annotations
 
-import sys
 
 import pytest
 import torch
@@ -9,7 +8,6 @@ from torch import nn
 
 from repopt.quant import (Int8Model, QuantDependencyError, QuantSettings, conv_bn_pairs, cpu_has_vnni, evaluate_top1,
                           fold_batchnorm, quantize_ptq, quantize_qat, time_per_batch_ms)
-from repopt.quant import ptq as ptq_module
 
 
 def block(cin, cout, stride=1):
@@ -112,17 +110,10 @@ def test_settings_dict_and_validation():
         QuantSettings(calib_batches=0)
 
 
-def test_missing_torchao_names_the_extra(monkeypatch, model):
-    ptq_module._torchao.cache_clear()
-    # None in sys.modules makes an import raise ImportError; cover submodules an earlier test may have imported.
-    for name in ["torchao"] + [n for n in sys.modules if n.startswith("torchao.")]:
-        monkeypatch.setitem(sys.modules, name, None)
-    try:
-        with pytest.raises(QuantDependencyError, match=r"pip install 'repopt\[quant\]'") as info:
-            quantize_ptq(model, [torch.randn(2, 3, 16, 16)])
-        assert isinstance(info.value, ImportError)
-    finally:
-        ptq_module._torchao.cache_clear()
+def test_missing_torchao_names_the_extra(without_torchao, model):
+    with pytest.raises(QuantDependencyError, match=r"pip install 'repopt\[quant\]'") as info:
+        quantize_ptq(model, [torch.randn(2, 3, 16, 16)])
+    assert isinstance(info.value, ImportError)
 
 
 # ---------------------------------------------------------------- INT8 (needs torchao)

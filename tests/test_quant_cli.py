@@ -87,16 +87,8 @@ def test_quantize_refusals(runs, tmp_path, capsys):
     assert e.value.code == 2 and "invalid choice: 'mnist'" in capsys.readouterr().err
 
 
-def test_quantize_without_torchao(runs, capsys, monkeypatch):
-    from repopt.quant import ptq
-
-    ptq._torchao.cache_clear()
-    for name in ["torchao"] + [n for n in sys.modules if n.startswith("torchao.")]:
-        monkeypatch.setitem(sys.modules, name, None)
-    try:
-        err = cli_error(capsys, "quantize", runs["repopt"], "--calib-batches", 1)
-    finally:
-        ptq._torchao.cache_clear()
+def test_quantize_without_torchao(runs, capsys, without_torchao):
+    err = cli_error(capsys, "quantize", runs["repopt"], "--calib-batches", 1)
     assert "pip install 'repopt[quant]'" in err and err.count("\n") == 1
 
 

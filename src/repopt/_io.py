@@ -127,6 +127,12 @@ def load_error_reason(e: BaseException) -> tuple[bool, str]:
     return False, lines[0].split(". ")[0].rstrip(".")
 
 
+def load_error_message(path, e: BaseException, what: str) -> str:
+    """One sentence for a failed torch.load of `path`: refused (the file asks to run code) or not a readable `what`."""
+    unsafe, reason = load_error_reason(e)
+    return f"{path}: refused to load: {reason}" if unsafe else f"{path}: not a readable {what} ({reason})"
+
+
 def write_error_reason(e: BaseException) -> str:
     """One short line for a failed write: OSError's strerror, or the first line of torch's / safetensors' text."""
     if isinstance(e, OSError) and e.strerror:

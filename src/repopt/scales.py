@@ -191,15 +191,12 @@ _REFERENCE_KEYS = [
 
 
 def _load_reference(path: Path) -> Scales:
-    from ._io import load_error_reason
+    from ._io import load_error_message
 
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # code in the pickle, truncated zip, foreign bytes, ...
-        unsafe, reason = load_error_reason(e)
-        if unsafe:
-            raise ScalesError(f"{path}: refused to load: {reason}") from None
-        raise ScalesError(f"{path}: not a readable PyTorch scales file ({reason})") from None
+        raise ScalesError(load_error_message(path, e, "PyTorch scales file")) from None
     if isinstance(sd, Mapping) and "state_dict" in sd and isinstance(sd["state_dict"], Mapping):
         sd = sd["state_dict"]
     if not isinstance(sd, Mapping) or not all(isinstance(v, Tensor) for v in sd.values()):

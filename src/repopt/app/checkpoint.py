@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._io import atomic_write, load_error_reason, write_error_reason
+from .._io import atomic_write, load_error_message, write_error_reason
 
 CHECKPOINT = "checkpoint.pt"
 MODEL = "model.safetensors"
@@ -51,10 +51,7 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as e:
-        unsafe, reason = load_error_reason(e)
-        if unsafe:
-            raise CheckpointError(f"{path}: refused to load: {reason}") from None
-        raise CheckpointError(f"{path}: not a readable checkpoint, truncated or corrupt ({reason})") from None
+        raise CheckpointError(load_error_message(path, e, "checkpoint, truncated or corrupt")) from None
 
 
 def load_run_checkpoint(path: Path) -> dict[str, Any]:

@@ -20,6 +20,13 @@ class UserError(Exception):
     """Bad input from the user: printed as one sentence, exit code 2."""
 
 
+def at_least_one(value: int | None, flag: str) -> int | None:
+    """`value` of a count option (None: not given), refused below 1."""
+    if value is not None and value < 1:
+        raise UserError(f"{flag} must be at least 1, got {value}")
+    return value
+
+
 def _known_errors() -> tuple[type[BaseException], ...]:
     from ..branches import BranchError
     from .checkpoint import CheckpointError

@@ -22,7 +22,7 @@ def add_arguments(p) -> None:
     p.add_argument("--repeats", type=int, default=None, help="rounds of the optimizer-step comparison")
     p.add_argument("--memory-repeats", type=int, default=None,
                    help="fresh processes per method for the peak memory (the median is reported; default 3)")
-    p.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
+    p.add_argument("--device", default="cpu", help="cpu (default), cuda, cuda:N or auto")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--save", metavar="FILE", default=None, help="also write the JSON result to FILE")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -31,30 +31,19 @@ def add_arguments(p) -> None:
 def run(args) -> int:
     import torch
 
+    from ..._io import check_writable, write_json
     from ..bench import SuiteConfig, format_report, run_suite
-    from ..cli import UserError
+    from ..cli import at_least_one
+    from ..train import resolve_device
 
     cfg = SuiteConfig.quick() if args.quick else SuiteConfig()
-    if args.repeats is not None:
-        if args.repeats < 1:
-            raise UserError(f"--repeats must be at least 1, got {args.repeats}")
+    if at_least_one(args.repeats, "--repeats") is not None:
         cfg.optimizer_repeats = args.repeats
-    if args.memory_repeats is not None:
-        if args.memory_repeats < 1:
-            raise UserError(f"--memory-repeats must be at least 1, got {args.memory_repeats}")
+    if at_least_one(args.memory_repeats, "--memory-repeats") is not None:
         cfg.memory_repeats = args.memory_repeats
-    if args.threads is not None:
-        if args.threads < 1:
-            raise UserError(f"--threads must be at least 1, got {args.threads}")
+    if at_least_one(args.threads, "--threads") is not None:
         torch.set_num_threads(args.threads)
-    try:
-        device = torch.device(args.device)
-    except RuntimeError:
-        raise UserError(f"unknown device {args.device!r} (use cpu, cuda or cuda:N)") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UserError(f"device {args.device!r} was asked for but CUDA is not available here")
-    from ..._io import check_writable, write_json
-
+    device = resolve_device(args.device)
     if args.save:
         check_writable(args.save)  # now, not after minutes of measuring
     show = not args.quiet and not args.json and sys.stderr.isatty()

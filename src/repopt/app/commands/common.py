@@ -84,10 +84,6 @@ def config_from_args(args, method: str, out: str, epochs: int | None = None, **o
 def hs_epochs_of(args, cfg: TrainConfig) -> int:
     """--hs-epochs, by default the run's epochs (--epochs, else its recipe's): what the help of `train` and `pipeline`
     says."""
-    from ..cli import UserError
+    from ..cli import at_least_one
 
-    if args.hs_epochs is None:
-        return cfg.epochs
-    if args.hs_epochs < 1:
-        raise UserError(f"--hs-epochs must be at least 1, got {args.hs_epochs}")
-    return args.hs_epochs
+    return cfg.epochs if args.hs_epochs is None else at_least_one(args.hs_epochs, "--hs-epochs")

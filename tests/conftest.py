@@ -1,4 +1,6 @@
 """Fixtures shared by several test files."""
+import contextlib
+import socket
 import sys
 
 import pytest
@@ -27,3 +29,16 @@ def without_torchao(monkeypatch):
         monkeypatch.setitem(sys.modules, name, None)
     yield
     ptq._torchao.cache_clear()
+
+
+@pytest.fixture
+def busy_ports():
+    """torch's default rendezvous port 29500 and the ports the DDP tests once fixed, held busy (as other jobs on the
+    machine would hold them) while the test runs: a torchrun there must pick a free port (--standalone)."""
+    with contextlib.ExitStack() as stack:
+        for port in (29500, 29533, 29547):
+            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
+            with contextlib.suppress(OSError):  # held by another program already: busy all the same
+                sock.bind(("127.0.0.1", port))
+                sock.listen()
+        yield

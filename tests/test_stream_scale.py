@@ -40,7 +40,7 @@ def test_epoch_memory_stays_flat_over_a_folder_ten_times_larger(tmp_path):
     assert large["worker_peak_mib"] <= small["worker_peak_mib"] + MARGIN_MIB, peaks
 
 
-def test_two_ranks_on_a_streamed_folder_equal_one_process(tmp_path):
+def test_two_ranks_on_a_streamed_folder_equal_one_process(tmp_path, busy_ports):
     """torchrun, 2 CPU ranks (gloo), per-rank batch 6, raug15 in one worker each == one process with the global batch
     12 in two micro-batches; the evaluation is split over the ranks (9 val images: 5 + 4) and summed."""
     from safetensors.torch import load_file
@@ -49,8 +49,8 @@ def test_two_ranks_on_a_streamed_folder_equal_one_process(tmp_path):
     common = ["train", "--method", "plain", "--dataset", "folder", "--data-dir", str(tmp_path / "data"),
               "--loader", "stream", "--augment", "raug15", "--epochs", "1", "--image-size", "16", "--batch-size", "12",
               "--quiet", "--json"]
-    ddp = _run(["-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29547", "-m", "repopt", *common,
-                "--workers", "1", "--out", str(tmp_path / "ddp")])
+    ddp = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "repopt", *common,
+                "--workers", "1", "--out", str(tmp_path / "ddp")])  # --standalone: a free port
     assert ddp.returncode == 0, ddp.stderr[-3000:]
     # decoding in the training process itself: the images do not depend on the number of workers
     single = _run(["-m", "repopt", *common, "--workers", "0", "--accumulate", "2", "--out", str(tmp_path / "single")])

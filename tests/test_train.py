@@ -1,10 +1,8 @@
 """The trainer and the training CLI: results on disk, resume, DDP == single process, clear refusals."""
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -82,27 +80,14 @@ def _run(args, env=None, timeout=300):
                           env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
 
 
-@contextlib.contextmanager
-def _ports_taken(*ports: int):
-    """Listen on these ports for the duration (a port another program holds is taken already: fine too)."""
-    with contextlib.ExitStack() as stack:
-        for port in ports:
-            sock = stack.enter_context(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
-            with contextlib.suppress(OSError):
-                sock.bind(("127.0.0.1", port))
-                sock.listen()
-        yield
-
-
-def test_ddp_two_processes_equal_single_process(tmp_path, scales_file):
+def test_ddp_two_processes_equal_single_process(tmp_path, scales_file, busy_ports):
     """torchrun, 2 CPU ranks (gloo), per-rank batch 64 == one process with the 128 global batch in two micro-batches
     (BatchNorm sees the same 64 images either way, so the trained weights agree). `--standalone` lets torchrun pick
-    a free port: torch's default 29500 and the fixed port this test used before are held busy meanwhile."""
+    a free port: torch's default 29500 and the fixed port this test used before are held busy (busy_ports)."""
     common = ["train", "--method", "repopt", "--scales", scales_file, "--epochs", "1", "--image-size", "16",
               "--batch-size", "128", "--quiet"]
-    with _ports_taken(29500, 29533):
-        ddp = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "repopt", *common,
-                    "--out", str(tmp_path / "ddp")])
+    ddp = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "repopt", *common,
+                "--out", str(tmp_path / "ddp")])
     assert ddp.returncode == 0, ddp.stderr[-2000:]
     single = _run(["-m", "repopt", *common, "--accumulate", "2", "--out", str(tmp_path / "single")])
     assert single.returncode == 0, single.stderr[-2000:]

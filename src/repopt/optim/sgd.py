@@ -67,15 +67,39 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
         self._check_all_bound()
 
     def _sgd(self, group, params, grads, buffers, has_sparse: bool = False) -> None:
+        """torch's functional sgd. Its fused path takes a call as a first step only when no buffer exists yet and fails
+        on a mix of new and existing buffers, so a mix is split into two calls."""
+        if group["fused"] and buffers and None in buffers and any(b is not None for b in buffers):
+            for new in (False, True):
+                picked = [i for i, b in enumerate(buffers) if (b is None) == new]
+                sub = [buffers[i] for i in picked]
+                self._sgd(group, [params[i] for i in picked], [grads[i] for i in picked], sub, has_sparse)
+                for i, b in zip(picked, sub):
+                    buffers[i] = b
+            return
         sgd(params, grads, buffers, weight_decay=group["weight_decay"], momentum=group["momentum"],
             lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
             maximize=group["maximize"], has_sparse_grad=has_sparse, foreach=group["foreach"],
             fused=group["fused"], grad_scale=getattr(self, "grad_scale", None),
             found_inf=getattr(self, "found_inf", None))
 
+    def _skips_a_first_step(self) -> bool:
+        """Does GradScaler skip (inf/nan found) a step that would create momentum buffers? Then the whole step is left
+        out here: torch's fused kernel (2.13) creates them with empty_like and returns without writing them, so the
+        next real step would read uninitialised memory. Existing buffers need no check: the kernels skip them
+        themselves, so found_inf is read (a host sync on a GPU) only on steps that would create state."""
+        found_inf = getattr(self, "found_inf", None)
+        if found_inf is None:
+            return False
+        creates = any(group["momentum"] != 0 and p.grad is not None and "momentum_buffer" not in self.state[p]
+                      for group in self.param_groups for p in group["params"])
+        return creates and bool(found_inf.item())
+
     @torch.no_grad()
     def step(self, closure=None):
         loss = self._evaluate_closure(closure)
+        if self._skips_a_first_step():
+            return loss
         for gi, group in enumerate(self.param_groups):
             momentum = group["momentum"] != 0
             params, grads, buffers, blocked, compiled, native = [], [], [], [], [], []
@@ -131,8 +155,8 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
                 # torch's fused SGD treats a call as a first step only when no buffer at all exists yet
                 first = [item for item in blocked if momentum and item[2] is None]
                 self._step_in_blocks(group, [item for item in blocked if not (momentum and item[2] is None)])
-                for p, mult, _ in first:
-                    self.state[p]["momentum_buffer"] = torch.empty_like(p, memory_format=torch.preserve_format)
+                for p, mult, _ in first:  # zeros: filled block by block below, never read uninitialised
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 self._step_in_blocks(group, [(p, m, None) for p, m, _ in first], first_step=True)
         return loss
 

@@ -227,3 +227,40 @@ def test_compiled_path_follows_the_eager_path(flags):
     train(b, ob, batches(4))
     assert ob.compiled  # it compiled rather than falling back
     assert all(torch.allclose(p, q, rtol=1e-5, atol=1e-6) for p, q in zip(a.parameters(), b.parameters()))
+
+
+def test_differentiable_sgd_gives_the_gradients_torch_sgd_gives():
+    """RepOptSGD(differentiable=True) keeps autograd on through the step, as torch.optim.SGD(differentiable=True) does:
+    the gradient of a loss on the updated weight w.r.t. the starting weight, the gradient and lr equals torch's SGD fed
+    the multiplied gradient M * G."""
+    from repopt import BranchSet
+    from repopt.branches import ConvGeometry
+
+    g = torch.Generator().manual_seed(0)
+    mult = BranchSet(ConvGeometry(4, 4, (3, 3)), {"3x3": torch.rand(4, generator=g) + 0.5,
+                                                 "1x1": torch.rand(4, generator=g), "identity": torch.ones(4)})
+    w0 = torch.randn(4, 4, 3, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    grads = [torch.randn(4, 4, 3, 3, generator=g, dtype=torch.float64, requires_grad=True) for _ in range(2)]
+    lr = torch.tensor(0.1, dtype=torch.float64, requires_grad=True)
+    m = mult.sgd_multiplier(torch.float64)
+    kw = dict(momentum=0.9, nesterov=True, weight_decay=1e-2, differentiable=True)
+
+    def run(make, premultiply):
+        p = w0.clone()  # a non-leaf, as in torch's own tests of differentiable optimizers
+        opt = make(p)
+        for grad in grads:
+            p.grad = grad * m if premultiply else grad
+            opt.step()
+        return torch.autograd.grad(p.square().sum(), [w0, *grads, lr])
+
+    want = run(lambda p: torch.optim.SGD([p], lr=lr, **kw), premultiply=True)
+    got = run(lambda p: RepOptSGD([p], lr=lr, grad_mults={p: mult}, **kw), premultiply=False)
+    for a, b in zip(got, want):
+        assert torch.allclose(a, b, rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("flag", ["differentiable", "capturable"])
+def test_adamw_refuses_what_its_target_step_cannot_honour(flag):
+    net = small_net()
+    with pytest.raises(ValueError, match=f"RepOptAdamW does not support {flag}=True"):
+        RepOptAdamW.from_scales(net, scales_for(net), lr=1e-3, **{flag: True})

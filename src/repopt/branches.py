@@ -271,6 +271,14 @@ class BranchSet:
             self._diagonal_rows(out, start).add_(diagonal)
         return out
 
+    def multiply(self, t: Tensor, power: int = 2) -> Tensor:
+        """multiplier * t as a new tensor, in broadcasting ops that autograd follows (RepOptSGD(differentiable=True));
+        the same products as `multiply_rows`."""
+        out = t * self.tap_table(power, t.device, t.dtype)
+        if self.has_identity:
+            diagonal_taps(out, self.geometry).add_(diagonal_taps(t, self.geometry))
+        return out
+
     def _apply(self, grad: Tensor, power: int) -> Tensor:
         return self.multiply_rows(grad, 0, torch.empty_like(grad), power)
 
@@ -370,6 +378,9 @@ class FixedMultiplier:
 
     apply_lion = apply_sgd
     row_alignment = 1
+
+    def multiply(self, t: Tensor, power: int = 2) -> Tensor:
+        return t * self._get(t)
 
     def tap_pattern(self, power: int, device=None, dtype=None) -> None:
         return None  # multiply_rows reads the full tensor itself

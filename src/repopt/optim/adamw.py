@@ -34,6 +34,12 @@ class RepOptAdamW(RepOptMixin, torch.optim.AdamW):
                  native: bool | None = None):
         """native: update float32/float64 CPU target weights with the native kernel (repopt/optim/native.py). None
         (default): where it builds on this machine; True: refuse to run without it; False: never."""
+        if differentiable:
+            raise ValueError("RepOptAdamW does not support differentiable=True: its target-conv update is not written "
+                             "for autograd (RepOptSGD supports it)")
+        if capturable:
+            raise ValueError("RepOptAdamW does not support capturable=True: its target-conv step reads the step count "
+                             "on the host, which CUDA graph capture forbids")
         self._init_native(native)
         self._init_multipliers(grad_mults)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,

@@ -12,7 +12,8 @@ single-tensor, foreach and fused paths and the fused AMP path). Target weights t
    blocks of the parameters and momentum buffers (views) while the multiplied gradient is still in cache. Nothing
    full-size is written; on a weight's first step torch creates the momentum buffers of the blocks, and they are
    copied into one full-size buffer.
-4. Whole tensors (M * G as a temporary), for `differentiable=True` and layouts that cannot be cut in row blocks.
+4. Whole tensors (M * G as a temporary), for layouts that cannot be cut in row blocks, and for `differentiable=True`
+   (then in ops autograd follows, with grad enabled during the step as in torch.optim.SGD).
 Every path is proven against the explicit multi-branch block (repopt/proofs.py).
 """
 from __future__ import annotations
@@ -22,6 +23,7 @@ from typing import Any, Mapping
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import _use_grad_for_differentiable
 from torch.optim.sgd import sgd
 
 from ..branches import BranchSet
@@ -79,9 +81,9 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
             return
         sgd(params, grads, buffers, weight_decay=group["weight_decay"], momentum=group["momentum"],
             lr=group["lr"], dampening=group["dampening"], nesterov=group["nesterov"],
-            maximize=group["maximize"], has_sparse_grad=has_sparse, foreach=group["foreach"],
-            fused=group["fused"], grad_scale=getattr(self, "grad_scale", None),
-            found_inf=getattr(self, "found_inf", None))
+            maximize=group["maximize"], has_sparse_grad=has_sparse,
+            foreach=False if group["differentiable"] else group["foreach"], fused=group["fused"],
+            grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None))
 
     def _skips_a_first_step(self) -> bool:
         """Does GradScaler skip (inf/nan found) a step that would create momentum buffers? Then the whole step is left
@@ -95,7 +97,7 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
                       for group in self.param_groups for p in group["params"])
         return creates and bool(found_inf.item())
 
-    @torch.no_grad()
+    @_use_grad_for_differentiable
     def step(self, closure=None):
         loss = self._evaluate_closure(closure)
         if self._skips_a_first_step():
@@ -124,7 +126,7 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
                     if self.scratch_bytes and not group["differentiable"] and _cuttable(p, grad, buf):
                         blocked.append((p, mult, buf))
                         continue
-                    grad = mult.apply_sgd(grad)
+                    grad = mult.multiply(grad) if group["differentiable"] else mult.apply_sgd(grad)
                 has_sparse |= grad.is_sparse
                 params.append(p)
                 grads.append(grad)

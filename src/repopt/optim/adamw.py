@@ -81,7 +81,7 @@ class RepOptAdamW(RepOptMixin, torch.optim.AdamW):
                     job = self._native_job(p, bs, _prepare) if use_native else None
                     if job is not None and native_kernel.takes(p, p.grad, state["exp_avg"], state["exp_avg_sq"],
                                                                state.get("max_exp_avg_sq")):
-                        fast.append((p, state, job[0]))
+                        fast.append((p, p.grad, state, job))
                     else:
                         self._step_target(p, bs, state, group, grad_scale, found_inf)
             if fast:
@@ -100,14 +100,15 @@ class RepOptAdamW(RepOptMixin, torch.optim.AdamW):
         beta1, beta2 = group["betas"]
         lr = group["lr"]
         lr = float(lr.item() if isinstance(lr, Tensor) else lr)
-        calls: dict[tuple, list] = {}
-        for p, state, job in fast:
+        calls: dict[tuple, tuple[list, list]] = {}
+        for p, grad, state, (job, coef) in fast:
             state["step"] += 1
-            calls.setdefault((p.dtype, float(state["step"])), []).append(
-                native_kernel.bind_adaptive(job, p, p.grad, state["exp_avg"], state["exp_avg_sq"],
-                                            state.get("max_exp_avg_sq")))
-        for (dtype, step), jobs in calls.items():
-            native_kernel.adaptive_step(jobs, native_kernel.ADAMW, dtype, lr=lr,
+            jobs, tensors = calls.setdefault((p.dtype, float(state["step"])), ([], []))
+            moments = (state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"))
+            jobs.append(native_kernel.bind_adaptive(job, p, grad, *moments))
+            tensors += [p, grad, *moments, coef]
+        for (dtype, step), (jobs, tensors) in calls.items():
+            native_kernel.adaptive_step(jobs, native_kernel.ADAMW, dtype, tensors, lr=lr,
                                         weight_decay=float(group["weight_decay"]), beta1=beta1, beta2=beta2,
                                         eps=float(group["eps"]), maximize=group["maximize"],
                                         bias_correction1=1 - beta1 ** step,
@@ -118,6 +119,8 @@ class RepOptAdamW(RepOptMixin, torch.optim.AdamW):
         if found_inf is not None and bool(found_inf.item()):
             return  # the fused AMP path skips the whole step on inf/nan, and so do we
         grad = p.grad if grad_scale is None else p.grad / grad_scale
+        if grad is p.grad and not native_kernel.disjoint([p, grad, *(t for t in state.values() if t.ndim)]):
+            grad = grad.clone()  # p and the moments are written before the gradient is last read
         if group["maximize"]:
             grad = -grad
         beta1, beta2 = group["betas"]

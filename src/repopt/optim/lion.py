@@ -55,9 +55,13 @@ class RepOptLion(RepOptMixin, torch.optim.Optimizer):
                 exp_avg = state["exp_avg"]
                 job = self._native_job(p, mult, _prepare) if use_native and mult is not None else None
                 if job is not None and native_kernel.takes(p, p.grad, exp_avg):
-                    fast.setdefault(p.dtype, []).append(native_kernel.bind_adaptive(job[0], p, p.grad, exp_avg))
+                    jobs, tensors = fast.setdefault(p.dtype, ([], []))
+                    jobs.append(native_kernel.bind_adaptive(job[0], p, p.grad, exp_avg))
+                    tensors += [p, p.grad, exp_avg, job[1]]
                     continue
                 grad = -p.grad if group["maximize"] else p.grad
+                if grad is p.grad and not native_kernel.disjoint([p, grad, exp_avg]):
+                    grad = grad.clone()  # p is written before the gradient is last read
                 if wd != 0:
                     p.mul_(1 - lr * wd)
                 update = exp_avg.mul(beta1).add_(grad, alpha=1 - beta1).sign_()
@@ -65,8 +69,8 @@ class RepOptLion(RepOptMixin, torch.optim.Optimizer):
                     mult.multiply_rows(update, 0, update, power=1)  # in place: no second temporary
                 p.add_(update, alpha=-lr)
                 exp_avg.mul_(beta2).add_(grad, alpha=1 - beta2)
-            for dtype, jobs in fast.items():
-                native_kernel.adaptive_step(jobs, native_kernel.LION, dtype, lr=float(lr),
+            for dtype, (jobs, tensors) in fast.items():
+                native_kernel.adaptive_step(jobs, native_kernel.LION, dtype, tensors, lr=float(lr),
                                             weight_decay=float(wd), beta1=beta1, beta2=beta2,
                                             maximize=group["maximize"])
         return loss

@@ -6,27 +6,27 @@ way of forming M * G first adds a pass over G and a dozen small ops per weight (
 The C kernel does the multiply inside the update, so a RepOptSGD step costs about what torch's fused SGD step costs.
 
 The kernels are plain C (no torch headers): the machine's C compiler builds them in a few seconds, once, into a cache
-directory ($REPOPT_CACHE_DIR, else $XDG_CACHE_HOME/repopt, else ~/.cache/repopt; a private directory in the temp dir
-where that is read-only), under a name that hashes the sources, the compiler and the flags; the file is written under
-a temporary name and renamed, so concurrent processes (DDP ranks) never load half a file. Without a working compiler
-`available()` is False and the optimizers keep their eager paths, which are exact as well. REPOPT_NATIVE=0 turns the
-kernels off.
+directory ($REPOPT_CACHE_DIR, else $XDG_CACHE_HOME/repopt, else ~/.cache/repopt), under a name that hashes the sources,
+the compiler command, version and target, and the flags; kernel_cache.py loads a cached file only when it and its
+directory are this user's alone, and writes it under a temporary name and renames it, so concurrent processes (DDP
+ranks) never load half a file. Without a working compiler `available()` is False and the optimizers keep their eager
+paths, which are exact as well. REPOPT_NATIVE=0 turns the kernels off.
+
+The C code takes `restrict` pointers, so a weight whose gradient or state overlaps it in memory is left to the eager
+path (`takes`), and every tensor a call reads is referenced until the call returns (ctypes releases the GIL, so
+another thread could otherwise drop the last reference, e.g. by setting p.grad to None).
 """
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import shutil
-import subprocess
-import sysconfig
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from ..branches import BranchSet
+from . import kernel_cache
 
 KERNELS = Path(__file__).with_name("kernels")
 SOURCES = [KERNELS / "repopt_sgd.c", KERNELS / "repopt_adaptive.c"]
@@ -71,75 +71,15 @@ _library = None      # the loaded kernel, once built
 _build_error = None  # why it could not be built (a sentence), once tried
 
 
-def cache_dir() -> Path:
-    if os.environ.get("REPOPT_CACHE_DIR"):
-        return Path(os.environ["REPOPT_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "repopt"
-
-
-def _writable_dir() -> Path:
-    """cache_dir(), or where home is read-only (containers, CI), a private directory in the system's temp dir: only
-    its owner may write there, since a library loaded from it runs as this user."""
-    preferred = cache_dir()
-    try:
-        preferred.mkdir(parents=True, exist_ok=True)
-        if os.access(preferred, os.W_OK):
-            return preferred
-    except OSError:
-        pass
-    private = Path(tempfile.gettempdir()) / f"repopt-{os.getuid()}"
-    private.mkdir(mode=0o700, exist_ok=True)
-    st = private.stat()
-    if st.st_uid != os.getuid() or st.st_mode & 0o022:
-        raise RuntimeError(f"{preferred} is not writable and {private} is not private to this user")
-    return private
-
-
-def _compiler() -> str | None:
-    for name in (os.environ.get("CC"), sysconfig.get_config_var("CC"), "cc", "gcc", "clang"):
-        exe = name.split()[0] if name else None
-        if exe and shutil.which(exe):
-            return exe
-    return None
+def _compiler() -> list[str] | None:
+    return kernel_cache.compiler()
 
 
 def _build() -> Path:
     """The cached library, compiled first if needed: with OpenMP where the compiler has it, else with POSIX threads."""
-    cc = _compiler()
-    if cc is None:
+    if _compiler() is None:
         raise RuntimeError("no C compiler found (set CC, or install gcc or clang)")
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    directory = _writable_dir()
-    text = b"".join(f.read_bytes() for f in [*SOURCES, *HEADERS]) + version.encode()
-    errors = []
-    for flags in (FLAGS + OPENMP_FLAGS, FLAGS):
-        key = hashlib.sha256(text + " ".join(flags).encode()).hexdigest()[:16]
-        target = directory / f"repopt_kernels-{key}.so"
-        if target.exists():
-            return target
-        try:
-            _compile(cc, flags, target)
-            return target
-        except RuntimeError as e:
-            errors.append(str(e))
-    raise RuntimeError(errors[-1])
-
-
-def _compile(cc: str, flags: list[str], target: Path) -> None:
-    """Compile SOURCES into `target` atomically (a temporary file in the same directory, then a rename)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".repopt_kernels-", suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True,
-                              timeout=300)
-        if done.returncode != 0:
-            first = (done.stderr.strip().splitlines() or ["no message"])[0]
-            raise RuntimeError(f"{cc} could not compile {', '.join(f.name for f in SOURCES)}: {first}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    return kernel_cache.build("repopt_kernels", SOURCES, HEADERS, [FLAGS + OPENMP_FLAGS, FLAGS])
 
 
 def load():
@@ -239,34 +179,58 @@ def prepare_adaptive(p: Tensor, mult, kind: int) -> tuple[AdaptiveJob, Tensor] |
 
 
 def takes(p: Tensor, grad: Tensor, *state: Tensor | None) -> bool:
-    """Can a prepared weight's step run natively with this gradient and these state tensors (None: absent)?"""
+    """Can a prepared weight's step run natively with this gradient and these state tensors (None: absent)? They must
+    share p's dtype and strides and not overlap in memory (the kernels take them as `restrict` pointers)."""
     stride = p.stride()
-    return (type(grad) in _PLAIN and grad.dtype == p.dtype and grad.stride() == stride
-            and all(t is None or (type(t) in _PLAIN and t.dtype == p.dtype and t.stride() == stride) for t in state))
+    tensors = [p, grad, *(t for t in state if t is not None)]
+    return (all(type(t) in _PLAIN and t.dtype == p.dtype and t.stride() == stride for t in tensors[1:])
+            and disjoint(tensors))
 
 
-def bind(job: Job, p: Tensor, buf: Tensor | None, first: bool) -> Job:
+def disjoint(tensors: list[Tensor]) -> bool:
+    """Are the byte ranges these tensors span (first to last element, whatever their strides) pairwise disjoint?"""
+    spans = []
+    for t in tensors:
+        if t.numel() == 0:
+            continue
+        last = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
+        first = t.data_ptr() - sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()) if s < 0) * t.element_size()
+        spans.append((first, first + (last + 1) * t.element_size()))
+    spans.sort()
+    return all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
+
+
+def bind(job: Job, p: Tensor, grad: Tensor, buf: Tensor | None, first: bool) -> Job:
     """Point a prepared job at this step's tensors (the gradient may be a new tensor every step)."""
-    job.p, job.g, job.buf, job.first = p.data_ptr(), p.grad.data_ptr(), 0 if buf is None else buf.data_ptr(), first
+    job.p, job.g, job.buf, job.first = p.data_ptr(), grad.data_ptr(), 0 if buf is None else buf.data_ptr(), first
     return job
 
 
-def _launch(entry, job_type, jobs: list, hyper, dtype: torch.dtype, prepared_by: str) -> None:
-    """Run one kernel entry point over `jobs` (all of `dtype`), on as many of torch's threads as their size is worth."""
+def _call(entry, array, njobs: int, hyper, is_double: int, threads: int) -> int:
+    return entry(array, njobs, ctypes.byref(hyper), is_double, threads)
+
+
+def _launch(entry, job_type, jobs: list, hyper, dtype: torch.dtype, prepared_by: str, tensors: list) -> None:
+    """Run one kernel entry point over `jobs` (all of `dtype`), on as many of torch's threads as their size is worth.
+
+    tensors: every tensor the jobs point into; referenced here until the call returns.
+    """
     numel = sum(j.rows * j.row_len for j in jobs)
     threads = max(1, min(torch.get_num_threads(), numel // ELEMENTS_PER_THREAD))
     array = (job_type * len(jobs))(*jobs)
-    if entry(array, len(jobs), ctypes.byref(hyper), int(dtype == torch.float64), threads) < 0:
+    status = _call(entry, array, len(jobs), hyper, int(dtype == torch.float64), threads)
+    del tensors  # only now may they go
+    if status < 0:
         raise RuntimeError(f"the native RepOpt kernel refused a weight that {prepared_by}() accepted (a bug)")
 
 
-def sgd_step(jobs: list[Job], group: dict, dtype: torch.dtype) -> None:
-    """One SGD step of every job (all of `dtype`) with the hyper-parameters of `group`."""
+def sgd_step(jobs: list[Job], group: dict, dtype: torch.dtype, tensors: list) -> None:
+    """One SGD step of every job (all of `dtype`) with the hyper-parameters of `group`; `tensors`: all they read."""
     lr = group["lr"]
     hyper = Hyper(float(lr.item() if isinstance(lr, Tensor) else lr), float(group["weight_decay"]),
                   float(group["momentum"]), float(group["dampening"]), int(bool(group["nesterov"])),
                   int(bool(group["maximize"])))
-    _launch(load().repopt_sgd_step, Job, jobs, hyper, dtype, "prepare")
+    _launch(load().repopt_sgd_step, Job, jobs, hyper, dtype, "prepare", tensors)
 
 
 def bind_adaptive(job: AdaptiveJob, p: Tensor, grad: Tensor, m: Tensor, v: Tensor | None = None,
@@ -276,10 +240,11 @@ def bind_adaptive(job: AdaptiveJob, p: Tensor, grad: Tensor, m: Tensor, v: Tenso
     return job
 
 
-def adaptive_step(jobs: list[AdaptiveJob], kind: int, dtype: torch.dtype, *, lr: float, weight_decay: float,
-                  beta1: float, beta2: float, maximize: bool, eps: float = 0.0, bias_correction1: float = 1.0,
-                  bias_correction2_sqrt: float = 1.0, amsgrad: bool = False) -> None:
-    """One RepOptAdamW or RepOptLion step of every job (all of `dtype`, AdamW: all at the same step count)."""
+def adaptive_step(jobs: list[AdaptiveJob], kind: int, dtype: torch.dtype, tensors: list, *, lr: float,
+                  weight_decay: float, beta1: float, beta2: float, maximize: bool, eps: float = 0.0,
+                  bias_correction1: float = 1.0, bias_correction2_sqrt: float = 1.0, amsgrad: bool = False) -> None:
+    """One RepOptAdamW or RepOptLion step of every job (all of `dtype`, AdamW: all at the same step count);
+    `tensors`: every tensor they read."""
     hyper = AdaptiveHyper(lr, weight_decay, beta1, beta2, eps, bias_correction1, bias_correction2_sqrt,
                           int(maximize), int(amsgrad), kind)
-    _launch(load().repopt_adaptive_step, AdaptiveJob, jobs, hyper, dtype, "prepare_adaptive")
+    _launch(load().repopt_adaptive_step, AdaptiveJob, jobs, hyper, dtype, "prepare_adaptive", tensors)

@@ -35,11 +35,13 @@ DEFAULT_SCRATCH_BYTES = 4 << 20  # fastest of 0.25-16 MiB on the benchmark CPU (
 
 
 def _cuttable(p: Tensor, grad: Tensor, buf: Tensor | None) -> bool:
-    """Can p, its grad and its buffer be cut into row blocks that share one dense, non-overlapping layout?"""
+    """Can p, its grad and its buffer be cut into row blocks that share one dense, non-overlapping layout? (Blocks
+    update p before later rows of G are read, so G must not share p's memory.)"""
     if p.ndim < 2 or grad.stride() != p.stride() or (buf is not None and buf.stride() != p.stride()):
         return False
     dense = p.is_contiguous() or (p.ndim == 4 and p.is_contiguous(memory_format=torch.channels_last))
-    return dense and p.stride(0) == p[0].numel()
+    return dense and p.stride(0) == p[0].numel() and native_kernel.disjoint([p, grad, *([buf] if buf is not None
+                                                                                         else [])])
 
 
 class RepOptSGD(RepOptMixin, torch.optim.SGD):
@@ -121,7 +123,7 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
                         continue
                     prepared = self._native_job(p, mult, native_kernel.prepare) if use_native else None
                     if prepared is not None and native_kernel.takes(p, grad, buf):
-                        native.append((p, buf, prepared[0]))
+                        native.append((p, grad, buf, prepared))
                         continue
                     if self.scratch_bytes and not group["differentiable"] and _cuttable(p, grad, buf):
                         blocked.append((p, mult, buf))
@@ -165,20 +167,23 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
     def _step_native(self, group, items: list) -> None:
         """The default path on CPU: one native call updates every float32/float64 target weight of the group."""
         momentum = group["momentum"] != 0
-        by_dtype: dict[torch.dtype, list] = {}
-        for p, buf, job in items:
+        by_dtype: dict[torch.dtype, tuple[list, list]] = {}
+        for p, grad, buf, (job, table) in items:
             first = momentum and buf is None
             if first:  # zeros, not empty: the kernel overwrites it, but never reads uninitialised memory
                 buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
-            by_dtype.setdefault(p.dtype, []).append(native_kernel.bind(job, p, buf, first))
-        for dtype, jobs in by_dtype.items():
-            native_kernel.sgd_step(jobs, group, dtype)
+            jobs, tensors = by_dtype.setdefault(p.dtype, ([], []))
+            jobs.append(native_kernel.bind(job, p, grad, buf, first))
+            tensors += [p, grad, buf, table]
+        for dtype, (jobs, tensors) in by_dtype.items():
+            native_kernel.sgd_step(jobs, group, dtype, tensors)
 
     def _compilable(self, group, p: Tensor, mult, buf: Tensor | None) -> bool:
         """The compiled path takes contiguous weights with branch scales once their momentum buffer exists."""
         return (self.compiled and isinstance(mult, BranchSet) and not group["differentiable"]
                 and not self._unscale_pending() and (buf is not None or group["momentum"] == 0)
-                and p.is_contiguous() and p.grad.is_contiguous() and (buf is None or buf.is_contiguous()))
+                and p.is_contiguous() and p.grad.is_contiguous() and (buf is None or buf.is_contiguous())
+                and native_kernel.disjoint([p, p.grad, *([buf] if buf is not None else [])]))
 
     def _step_in_blocks(self, group, blocked: list, first_step: bool = False) -> None:
         """The default path: M * G block by block into a small scratch, each full scratch one `sgd` call.

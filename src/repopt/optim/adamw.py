@@ -4,7 +4,9 @@ One pair of moments (m, v) of the raw gradient G is kept per parameter, under to
 step is  W' <- W' (1 - lr wd) - lr m_hat * U  with U from the branch scales, instead of m_hat / (sqrt(v_hat) + eps).
 Parameters without branch scales go through torch's functional `adamw` unchanged (all its paths). Target convs take
 the native CPU kernel where it builds (native.py: the whole update in one pass, float32/float64 CPU weights), else the
-eager tensor ops of `_step_target`; both compute the same arithmetic in the same order.
+eager tensor ops of `_step_target`. Both round every operation alike except the square root: torch's CPU sqrt is not
+correctly rounded (the kernel's is), so the two differ by at most eps |p'| + 8 eps |step| per step (tests/test_native.py);
+with a correctly rounded sqrt they agree bit for bit.
 """
 from __future__ import annotations
 

@@ -161,7 +161,8 @@ def _compile(cc: list[str], flags: list[str], sources: list[Path], target: Path)
     """Compile `sources` into `target` atomically (repopt._io.atomic_write: a temporary beside it, then a rename),
     with mode 0755: the cache check refuses files that others may write."""
     def write(tmp: Path) -> None:
-        done = subprocess.run([*cc, *flags, *map(str, sources), "-o", str(tmp)], capture_output=True, text=True,
+        # the flags after the sources: libraries (-lm) must follow what uses them
+        done = subprocess.run([*cc, *map(str, sources), *flags, "-o", str(tmp)], capture_output=True, text=True,
                               timeout=300)
         if done.returncode != 0:
             first = (done.stderr.strip().splitlines() or ["no message"])[0]

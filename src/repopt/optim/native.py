@@ -31,7 +31,11 @@ from . import kernel_cache
 KERNELS = Path(__file__).with_name("kernels")
 SOURCES = [KERNELS / "repopt_sgd.c", KERNELS / "repopt_adaptive.c"]
 HEADERS = [KERNELS / "common.h"]
-FLAGS = ["-O3", "-fPIC", "-shared", "-pthread", "-fno-fast-math", "-fno-math-errno", "-fno-trapping-math"]
+# -ffp-contract=off: the compiler fuses no multiply-add by itself (the AVX2 clone would, and results would then
+# depend on the CPU); the kernels call fma() exactly where torch's eager kernels round once (-lm: fma where the CPU
+# has no FMA instruction)
+FLAGS = ["-O3", "-fPIC", "-shared", "-pthread", "-fno-fast-math", "-fno-math-errno", "-fno-trapping-math",
+         "-ffp-contract=off", "-lm"]
 # tried first: with OpenMP the kernel runs on the libgomp torch has already loaded (one thread pool, not two)
 OPENMP_FLAGS = ["-fopenmp"]
 # Work per thread below which a step runs on fewer threads (torch's own grain size for parallel loops)

@@ -10,8 +10,10 @@
 #endif
 
 /* One copy of the row loops per instruction set, picked when the library loads: AVX2+FMA where the CPU has it (the
- * updates are compute-bound on SSE2's 4-wide vectors), the baseline elsewhere. */
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11
+ * updates are compute-bound on SSE2's 4-wide vectors), the baseline elsewhere. Both compute the same bits (the library
+ * is built with -ffp-contract=off and calls fma() explicitly); -DREPOPT_NO_CLONES builds the baseline alone, which
+ * tests/test_native.py compares with the clones. */
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && !defined(REPOPT_NO_CLONES)
 #define CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
 #else
 #define CLONES

@@ -9,11 +9,18 @@
  *     U = sum_b c_b^2 / (c_b s + eps)  (+ 1 / (s + eps) on the identity's diagonal),  s = sqrt(v) / sqrt(1 - beta2^t)
  * (a branch with c_b = 0 adds nothing). Lion: one table, L = sum_b |alpha_b| on each tap (+ 1 on the diagonal).
  *
- * Per element, in the order of RepOptAdamW._step_target / RepOptLion.step (the eager paths, torch's arithmetic):
- *   AdamW: g = maximize ? -g : g;  p *= 1 - lr wd;  m = lerp(m, g, 1 - beta1);  v = beta2 v + (1 - beta2) g g;
- *          amsgrad: vmax = max(vmax, v), s from vmax;  p += (-lr / (1 - beta1^t)) * (m * U)
- *   Lion:  g = maximize ? -g : g;  p *= 1 - lr wd;  c = beta1 m + (1 - beta1) g;  p += -lr * (L * sign(c));
- *          m = beta2 m + (1 - beta2) g
+ * Per element, the operations of RepOptAdamW._step_target / RepOptLion.step (the eager paths), each rounded where
+ * torch rounds it, with fma(a, b, c) = a * b + c rounded once exactly where torch's CPU kernels (AVX2 / AVX-512
+ * builds) use one (lerp, addcmul, add with alpha):
+ *   AdamW: g = maximize ? -g : g;  p *= 1 - lr wd;  m = lerp(m, g, 1 - beta1);  v = fma((1 - beta2) g, g, beta2 v);
+ *          amsgrad: vmax = max(vmax, v), s from vmax;  p = fma((-lr / (1 - beta1^t)) m, U, p)
+ *          (torch's lerp: fma(w, g - m, m) for w < 0.5, else fma(w - 1, g - m, g))
+ *   Lion:  g = maximize ? -g : g;  p *= 1 - lr wd;  c = fma(g, 1 - beta1, beta1 m);  p = fma(L sign(c), -lr, p);
+ *          m = fma(g, 1 - beta2, beta2 m)
+ * Built with -ffp-contract=off, so nothing else is fused: the result is the same on every CPU. Lion's equals the eager
+ * path bit for bit where torch's kernels are AVX2 or AVX-512; AdamW's differs from it only through torch's sqrt,
+ * which on CPU is not correctly rounded (off by one unit in the last place for about one float32 in six), while
+ * this one is (tests/test_native.py states and checks the bound).
  */
 #include <math.h>
 
@@ -39,7 +46,7 @@ typedef struct {
     int64_t maximize, amsgrad, kind;
 } repopt_ahyper;
 
-#define DEFINE_ADAPTIVE(S, T, SQRT)                                                                                \
+#define DEFINE_ADAPTIVE(S, T, SQRT, FMA)                                                                                \
 /* n <= SEG elements from offset off of the weight; pat[b][k] the coefficients of element k; id: the identity's    \
  * diagonal element (then n == 1) */                                                                               \
 INLINE void adamw_##S(const repopt_ajob *j, int64_t off, const T *const *pat, int64_t n, int id,                   \
@@ -54,8 +61,8 @@ INLINE void adamw_##S(const repopt_ajob *j, int64_t off, const T *const *pat, in
     for (int64_t k = 0; k < n; ++k) {                                                                              \
         T gk = sign * g[k];                                                                                        \
         /* torch's lerp: start + w (end - start) for w < 0.5, end - (end - start)(1 - w) otherwise */              \
-        m[k] = w < (T)0.5 ? m[k] + w * (gk - m[k]) : gk - (gk - m[k]) * ((T)1 - w);                                \
-        v[k] = v[k] * beta2 + keep2 * (gk * gk);                                                                   \
+        m[k] = w < (T)0.5 ? FMA(w, gk - m[k], m[k]) : FMA(w - (T)1, gk - m[k], gk);                               \
+        v[k] = FMA(keep2 * gk, gk, v[k] * beta2);                                                                  \
     }                                                                                                              \
     if (vmax) {                                                                                                    \
         for (int64_t k = 0; k < n; ++k) {                                                                          \
@@ -74,7 +81,7 @@ INLINE void adamw_##S(const repopt_ajob *j, int64_t off, const T *const *pat, in
         }                                                                                                          \
     }                                                                                                              \
     if (id) u[0] += (T)1 / (s[0] + eps);                                                                           \
-    for (int64_t k = 0; k < n; ++k) p[k] = p[k] * decay + step * (m[k] * u[k]);                                    \
+    for (int64_t k = 0; k < n; ++k) p[k] = FMA(step * m[k], u[k], p[k] * decay);                                   \
 }                                                                                                                  \
 INLINE void lion_##S(const repopt_ajob *j, int64_t off, const T *const *pat, int64_t n, int id,                    \
                      const repopt_ahyper *h) {                                                                     \
@@ -84,10 +91,10 @@ INLINE void lion_##S(const repopt_ajob *j, int64_t off, const T *const *pat, int
     const T beta1 = (T)h->beta1, keep1 = (T)(1.0 - h->beta1), beta2 = (T)h->beta2, keep2 = (T)(1.0 - h->beta2);   \
     const T extra = id ? (T)1 : (T)0;                                                                              \
     for (int64_t k = 0; k < n; ++k) {                                                                              \
-        T gk = sign * g[k], c = m[k] * beta1 + keep1 * gk;                                                         \
+        T gk = sign * g[k], c = FMA(gk, keep1, m[k] * beta1);                                                      \
         T sg = c > 0 ? (T)1 : (c < 0 ? (T)-1 : c); /* torch.sign: 0 stays 0, NaN stays NaN */                    \
-        p[k] = p[k] * decay + (-lr) * ((l[k] + extra) * sg);                                                       \
-        m[k] = m[k] * beta2 + keep2 * gk;                                                                          \
+        p[k] = FMA((l[k] + extra) * sg, -lr, p[k] * decay);                                                        \
+        m[k] = FMA(gk, keep2, m[k] * beta2);                                                                       \
     }                                                                                                              \
 }                                                                                                                  \
 /* elements [off, off + n) of the weight with coefficients pat (valid for n elements), cut around the diagonal */  \
@@ -151,8 +158,8 @@ CLONES static void rows_##S(const repopt_ajob *j, int64_t r0, int64_t r1, const 
     }                                                                                                              \
 }
 
-DEFINE_ADAPTIVE(f32, float, sqrtf)
-DEFINE_ADAPTIVE(f64, double, sqrt)
+DEFINE_ADAPTIVE(f32, float, sqrtf, fmaf)
+DEFINE_ADAPTIVE(f64, double, sqrt, fma)
 
 DEFINE_PARALLEL(adaptive_parallel, repopt_ajob, repopt_ahyper, rows)
 

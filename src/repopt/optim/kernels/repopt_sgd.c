@@ -10,12 +10,19 @@
  * diag_centre (diag_group 0: no identity branch). Within a row the elements are ordered (channel, tap) in the
  * contiguous layout and (tap, channel) in channels_last.
  *
- * Per element, in torch.optim.SGD's order (aten's fused CPU SGD kernel does the same arithmetic):
- *     d = m * g;  d = maximize ? -d : d;  d += weight_decay * p
- *     momentum: b = first ? d : momentum * b + (1 - dampening) * d;  d = nesterov ? d + momentum * b : b
- *     p -= lr * d
- * float32 weights are computed in float32, float64 weights in float64.
+ * Per element, the operations of RepOptSGD's eager path (M * G in a scratch buffer, then torch's single-tensor SGD),
+ * each rounded where torch rounds it; fma(a, b, c) = a * b + c rounded once is used exactly where torch's CPU kernels
+ * (AVX2 / AVX-512 builds: `add(x, alpha=a)` is a fused multiply-add there) use one:
+ *     d = m * g  (the identity's diagonal element: d = m * g + g);  d = maximize ? -d : d
+ *     weight decay: d = fma(p, wd, d)
+ *     momentum: b = first ? d : fma(d, 1 - dampening, momentum * b);  d = nesterov ? fma(b, momentum, d) : b
+ *     p = fma(d, -lr, p)
+ * The library is built with -ffp-contract=off, so the compiler fuses nothing else: the result is the same on every
+ * CPU (and in every instruction-set clone) and equals the eager path bit for bit where torch's kernels are AVX2 or
+ * AVX-512 (tests/test_native.py). float32 weights are computed in float32, float64 weights in float64.
  */
+#include <math.h>
+
 #include "common.h"
 
 #define MAX_PERIOD 1024 /* the longest repeated multiplier a row builds on the stack (and the most taps a kernel has) */
@@ -35,41 +42,56 @@ typedef struct {
     int64_t nesterov, maximize;
 } repopt_hyper;
 
-/* The update of n elements; M is the multiplier of element k (an array read or one value). The flags are loop
- * invariants: each case is its own loop so that every loop vectorises. */
-#define UPDATE_LOOPS(T, M)                                                                                         \
-    const T lr = (T)h->lr, wd = (T)h->weight_decay, mom = (T)h->momentum, keep = (T)(1.0 - h->dampening);        \
+/* The update of n elements; D is the masked gradient of element k (an expression). The flags are loop invariants: each
+ * case is its own loop so that every loop vectorises. */
+#define UPDATE_LOOPS(T, FMA, D)                                                                                    \
+    const T lr = (T)(-h->lr), wd = (T)h->weight_decay, mom = (T)h->momentum, keep = (T)(1.0 - h->dampening);     \
+    const int decay = h->weight_decay != 0;                                                                        \
     if (b == 0) {                                                                                                  \
-        for (int64_t k = 0; k < n; ++k) p[k] = p[k] - lr * ((M) * g[k] + wd * p[k]);                               \
+        for (int64_t k = 0; k < n; ++k) {                                                                          \
+            T d = (D);                                                                                             \
+            d = decay ? FMA(p[k], wd, d) : d;                                                                      \
+            p[k] = FMA(d, lr, p[k]);                                                                               \
+        }                                                                                                          \
     } else if (first) {                                                                                            \
         for (int64_t k = 0; k < n; ++k) {                                                                          \
-            T d = (M) * g[k] + wd * p[k];                                                                          \
+            T d = (D);                                                                                             \
+            d = decay ? FMA(p[k], wd, d) : d;                                                                      \
             b[k] = d;                                                                                              \
-            p[k] = p[k] - lr * (h->nesterov ? d + mom * d : d);                                                    \
+            p[k] = FMA(h->nesterov ? FMA(d, mom, d) : d, lr, p[k]);                                                \
         }                                                                                                          \
     } else if (h->nesterov) {                                                                                      \
         for (int64_t k = 0; k < n; ++k) {                                                                          \
-            T d = (M) * g[k] + wd * p[k];                                                                          \
-            T nb = mom * b[k] + keep * d;                                                                          \
+            T d = (D);                                                                                             \
+            d = decay ? FMA(p[k], wd, d) : d;                                                                      \
+            T nb = FMA(d, keep, b[k] * mom);                                                                       \
             b[k] = nb;                                                                                             \
-            p[k] = p[k] - lr * (d + mom * nb);                                                                     \
+            p[k] = FMA(FMA(nb, mom, d), lr, p[k]);                                                                 \
         }                                                                                                          \
     } else {                                                                                                       \
         for (int64_t k = 0; k < n; ++k) {                                                                          \
-            T nb = mom * b[k] + keep * ((M) * g[k] + wd * p[k]);                                                   \
+            T d = (D);                                                                                             \
+            d = decay ? FMA(p[k], wd, d) : d;                                                                      \
+            T nb = FMA(d, keep, b[k] * mom);                                                                       \
             b[k] = nb;                                                                                             \
-            p[k] = p[k] - lr * nb;                                                                                 \
+            p[k] = FMA(nb, lr, p[k]);                                                                              \
         }                                                                                                          \
     }
 
-#define DEFINE_KERNELS(S, T)                                                                                       \
+#define DEFINE_KERNELS(S, T, FMA)                                                                                  \
 INLINE void span_##S(T *restrict p, const T *restrict g, T *restrict b, const T *restrict m, int64_t n,            \
                      const repopt_hyper *h, int first) {                                                           \
-    UPDATE_LOOPS(T, m[k])                                                                                          \
+    UPDATE_LOOPS(T, FMA, m[k] * g[k])                                                                              \
 }                                                                                                                  \
 INLINE void fill_##S(T *restrict p, const T *restrict g, T *restrict b, T m, int64_t n, const repopt_hyper *h,    \
                      int first) {                                                                                  \
-    UPDATE_LOOPS(T, m)                                                                                             \
+    UPDATE_LOOPS(T, FMA, m * g[k])                                                                                 \
+}                                                                                                                  \
+/* the identity's diagonal element: its branches' m * g, then + id * g (id = +-1: exact), as the eager path adds it */\
+INLINE void diag_##S(T *restrict p, const T *restrict g, T *restrict b, T m, T id, const repopt_hyper *h,         \
+                     int first) {                                                                                  \
+    const int64_t n = 1;                                                                                           \
+    UPDATE_LOOPS(T, FMA, m * g[k] + id * g[k])                                                                     \
 }                                                                                                                  \
 /* contiguous layout: the row's taps repeat every `taps` elements; they are repeated R times on the stack so that   \
  * the inner loop is long, and the period that holds the diagonal is cut around it */                             \
@@ -90,7 +112,7 @@ CLONES static void row_##S(const repopt_job *j, int64_t row, const repopt_hyper 
         if (diag >= s && diag < s + period) {                                                                      \
             int64_t at = diag - s;                                                                                 \
             span_##S(p + s, g + s, b ? b + s : 0, m, at, h, first);                                                \
-            fill_##S(p + diag, g + diag, b ? b + diag : 0, m[at] + sign * (T)j->identity, 1, h, first);           \
+            diag_##S(p + diag, g + diag, b ? b + diag : 0, m[at], sign * (T)j->identity, h, first);               \
             span_##S(p + diag + 1, g + diag + 1, b ? b + diag + 1 : 0, m + at + 1, period - at - 1, h, first);     \
         } else {                                                                                                   \
             span_##S(p + s, g + s, b ? b + s : 0, m, period, h, first);                                            \
@@ -110,7 +132,7 @@ CLONES static void row_last_##S(const repopt_job *j, int64_t row, const repopt_h
         if (diag >= s && diag < s + channels) {                                                                    \
             int64_t at = diag - s;                                                                                 \
             fill_##S(p + s, g + s, b ? b + s : 0, mt, at, h, first);                                               \
-            fill_##S(p + diag, g + diag, b ? b + diag : 0, mt + sign * (T)j->identity, 1, h, first);              \
+            diag_##S(p + diag, g + diag, b ? b + diag : 0, mt, sign * (T)j->identity, h, first);                  \
             fill_##S(p + diag + 1, g + diag + 1, b ? b + diag + 1 : 0, mt, channels - at - 1, h, first);          \
         } else {                                                                                                   \
             fill_##S(p + s, g + s, b ? b + s : 0, mt, channels, h, first);                                         \
@@ -129,8 +151,8 @@ static void rows_##S(const repopt_job *j, int64_t r0, int64_t r1, const repopt_h
     }                                                                                                              \
 }
 
-DEFINE_KERNELS(f32, float)
-DEFINE_KERNELS(f64, double)
+DEFINE_KERNELS(f32, float, fmaf)
+DEFINE_KERNELS(f64, double, fma)
 
 DEFINE_PARALLEL(sgd_parallel, repopt_job, repopt_hyper, rows)
 

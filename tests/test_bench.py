@@ -24,10 +24,12 @@ def test_quick_bench_reports_every_key(capsys):
     from repopt.optim import native
 
     # the default path on CPU is the native kernel where it builds, and then the eager path is timed beside it
-    assert d["optimizer"]["path"] == ("native" if native.available() else "eager")
+    # (the path each optimizer recorded in its last timed step, not the one it was asked for)
+    assert d["optimizer"]["path"] == ("native" if native.available() else "blocks")
     assert ("repopt_sgd_eager" in d["optimizer"]) == native.available()
     a = d["adaptive_optimizers"]
-    assert a["adamw_ratio"] > 0 and a["lion_ratio"] > 0 and a["path"] == d["optimizer"]["path"]
+    assert a["adamw_ratio"] > 0 and a["lion_ratio"] > 0
+    assert a["path"] == a["lion_path"] == ("native" if native.available() else "eager")
     assert {"plain", "repopt", "repvgg"} <= set(d["training"][0])
     assert d["memory"][0]["repopt"]["peak_bytes"] > 0
 

@@ -13,6 +13,48 @@ def test_repopt_equals_csla_training(optimizer, branch_set):
     result = run_proof(optimizer, branch_set, steps=200)
     assert len(result.errors) == 200
     assert result.max_rel_err <= TOLERANCE, result
+    assert result.paths == [result.expected_path], "the case did not prove the path it names"
+
+
+def test_a_compiled_case_that_fell_back_to_eager_is_not_a_proof_of_the_compiled_path(monkeypatch, capsys):
+    """Where torch.compile cannot build the update (no C++ compiler, say), RepOptSGD(compiled=True) warns and takes
+    its other paths (blocks for that step, then its default): exact still, but the compiled path is then not what was
+    proven, and the case, `repopt verify`'s table and its JSON say so and fail."""
+    import json
+
+    from repopt.app.cli import main
+    from repopt.optim import sgd
+
+    def cannot_compile(*args, **kwargs):
+        raise RuntimeError("no C++ compiler (simulated)")
+
+    monkeypatch.setattr(sgd, "step_compiled", cannot_compile)
+    with pytest.warns(UserWarning, match="could not compile"):
+        result = run_proof("sgd compiled nesterov", "3x3+1x1+identity", steps=3)
+    assert result.max_rel_err <= TOLERANCE and "compiled" not in result.paths and not result.ok
+    argv = ["verify", "--optimizer", "sgd compiled nesterov", "--branches", "3x3+1x1+identity", "--steps", "3"]
+    with pytest.warns(UserWarning):
+        assert main(argv + ["--json"]) == 1
+    case = json.loads(capsys.readouterr().out)["cases"][0]
+    took = "+".join(result.paths)
+    assert (case["path"], case["expected_path"], case["ok"]) == (took, "compiled", False)
+    with pytest.warns(UserWarning):
+        assert main(argv) == 1
+    assert f"FAIL: took {took}, not compiled" in capsys.readouterr().out
+
+
+def test_verify_names_the_path_of_each_case(capsys):
+    import json
+
+    from repopt.app.cli import main
+    from repopt.proofs import expected_path
+
+    cases = ["sgd nesterov wd", "sgd whole tensors", "lion eager"]
+    argv = ["verify", "--branches", "3x3+1x1 stride 2", "--steps", "2", "--json"]
+    assert main(argv + [a for c in cases for a in ("--optimizer", c)]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["ok"] and [c["path"] for c in out["cases"]] == [expected_path(c) for c in cases]
+    assert expected_path("sgd whole tensors") == "whole" and expected_path("lion eager") == "eager"
 
 
 @pytest.mark.parametrize("optimizer", ["sgd nesterov wd", "sgd fused one-row blocks", "sgd whole tensors"])

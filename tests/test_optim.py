@@ -225,7 +225,7 @@ def test_compiled_path_follows_the_eager_path(flags):
     ob = RepOptSGD.from_scales(b, scales_for(b), compiled=True, **kw)
     train(a, oa, batches(4))
     train(b, ob, batches(4))
-    assert ob.compiled  # it compiled rather than falling back
+    assert ob.compiled and set(ob.path_counts) == {"compiled"}  # every step compiled, none fell back
     assert all(torch.allclose(p, q, rtol=1e-5, atol=1e-6) for p, q in zip(a.parameters(), b.parameters()))
 
 
@@ -264,3 +264,23 @@ def test_adamw_refuses_what_its_target_step_cannot_honour(flag):
     net = small_net()
     with pytest.raises(ValueError, match=f"RepOptAdamW does not support {flag}=True"):
         RepOptAdamW.from_scales(net, scales_for(net), lr=1e-3, **{flag: True})
+
+
+def test_the_compiled_path_does_not_recompile_for_each_setting():
+    """torch.compile allows 8 variants of a function: settings, schedules and first steps are values to the compiled
+    update, not constants, so that a process with many settings never falls off the compiled path."""
+    import warnings
+
+    from repopt.optim.compiled import compiled_update
+
+    settings = [dict(momentum=m, dampening=d, nesterov=n, weight_decay=wd, maximize=mx)
+                for m, d, n in ((0.9, 0, True), (0.9, 0, False), (0.8, 0.3, False)) for wd in (0, 1e-3)
+                for mx in (False, True)]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=r"RepOptSGD\(compiled=True\) could not compile")
+        for i, kw in enumerate(settings):
+            net = small_net()
+            opt = RepOptSGD.from_scales(net, scales_for(net), lr=0.1 / (i + 1), compiled=True, **kw)
+            train(net, opt, batches(2))
+            assert set(opt.path_counts) == {"compiled"}, kw
+    assert compiled_update() is compiled_update()

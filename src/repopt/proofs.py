@@ -37,32 +37,48 @@ OPTIMIZERS = {
     "sgd fused": (torch.optim.SGD, RepOptSGD, dict(lr=0.05, momentum=0.9, weight_decay=1e-3, fused=True), {}),
     "sgd no momentum": (torch.optim.SGD, RepOptSGD, dict(lr=0.05, weight_decay=1e-3), {}),
     # the cases above take RepOptSGD's default path (the native kernel on CPU where it builds); below, its eager block
-    # path cut into one-row blocks (several scratch refills per step), its whole-tensor path and its compiled path
+    # path cut into one-row blocks (several scratch refills per step), its whole-tensor path and its compiled path;
+    # "path" names the path a case proves, and the case fails when the optimizer took another one
     "sgd fused one-row blocks": (torch.optim.SGD, RepOptSGD,
                                  dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3, fused=True),
-                                 {"repopt_kwargs": {"scratch_bytes": 1, "native": False}}),
+                                 {"repopt_kwargs": {"scratch_bytes": 1, "native": False}, "path": "blocks"}),
     "sgd foreach dampening one-row blocks": (torch.optim.SGD, RepOptSGD,
                                              dict(lr=0.05, momentum=0.8, dampening=0.1, weight_decay=1e-3,
                                                   foreach=True),
-                                             {"repopt_kwargs": {"scratch_bytes": 1, "native": False}}),
+                                             {"repopt_kwargs": {"scratch_bytes": 1, "native": False},
+                                              "path": "blocks"}),
     "sgd no momentum one-row blocks": (torch.optim.SGD, RepOptSGD, dict(lr=0.05, weight_decay=1e-3),
-                                       {"repopt_kwargs": {"scratch_bytes": 1, "native": False}}),
+                                       {"repopt_kwargs": {"scratch_bytes": 1, "native": False}, "path": "blocks"}),
     "sgd compiled nesterov": (torch.optim.SGD, RepOptSGD,
                               dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
-                              {"repopt_kwargs": {"compiled": True}}),
+                              {"repopt_kwargs": {"compiled": True}, "path": "compiled"}),
     "sgd compiled dampening": (torch.optim.SGD, RepOptSGD,
                                dict(lr=0.05, momentum=0.8, dampening=0.1, weight_decay=1e-3),
-                               {"repopt_kwargs": {"compiled": True}}),
+                               {"repopt_kwargs": {"compiled": True}, "path": "compiled"}),
     "sgd whole tensors": (torch.optim.SGD, RepOptSGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
-                          {"repopt_kwargs": {"scratch_bytes": 0, "native": False}}),
+                          {"repopt_kwargs": {"scratch_bytes": 0, "native": False}, "path": "whole"}),
     "adamw": (torch.optim.AdamW, RepOptAdamW, dict(lr=2e-3, weight_decay=0.05), {}),
     "adamw amsgrad": (torch.optim.AdamW, RepOptAdamW, dict(lr=2e-3, weight_decay=0.05, amsgrad=True), {}),
     "lion": (RepOptLion, RepOptLion, dict(lr=2e-4, weight_decay=0.1), {}),
     # the cases above take the native kernels on CPU where they build; their eager paths:
     "adamw eager": (torch.optim.AdamW, RepOptAdamW, dict(lr=2e-3, weight_decay=0.05),
-                    {"repopt_kwargs": {"native": False}}),
-    "lion eager": (RepOptLion, RepOptLion, dict(lr=2e-4, weight_decay=0.1), {"repopt_kwargs": {"native": False}}),
+                    {"repopt_kwargs": {"native": False}, "path": "eager"}),
+    "lion eager": (RepOptLion, RepOptLion, dict(lr=2e-4, weight_decay=0.1),
+                   {"repopt_kwargs": {"native": False}, "path": "eager"}),
 }
+
+
+def expected_path(optimizer: str) -> str:
+    """The path of the target weights that case `optimizer` claims to prove: named in its settings, else the
+    optimizer's default here (the native kernel where it builds, else RepOptSGD's blocks or the others' eager path)."""
+    from .optim import native
+
+    _, repopt_cls, _, extras = OPTIMIZERS[optimizer]
+    if "path" in extras:
+        return extras["path"]
+    if native.available():
+        return "native"
+    return "blocks" if repopt_cls is RepOptSGD else "eager"
 
 
 @dataclass
@@ -72,14 +88,22 @@ class ProofResult:
     steps: int
     max_rel_err: float
     errors: list[float] = field(default_factory=list, repr=False)
+    paths: list[str] = field(default_factory=list)  # the paths that updated the target weight, over all steps
+    expected_path: str = ""
+
+    @property
+    def path_ok(self) -> bool:
+        """Did every step take the path the case claims (the optimizer's record, not its settings)?"""
+        return self.paths == [self.expected_path]
 
     @property
     def ok(self) -> bool:
-        return self.max_rel_err <= TOLERANCE
+        return self.max_rel_err <= TOLERANCE and self.path_ok
 
     def as_dict(self) -> dict:
         return {"optimizer": self.optimizer, "branches": self.branches, "steps": self.steps,
-                "max_rel_err": self.max_rel_err}
+                "max_rel_err": self.max_rel_err, "path": "+".join(self.paths), "expected_path": self.expected_path,
+                "ok": self.ok}
 
 
 def _scales(names, out_channels: int, gen: torch.Generator, negative: bool) -> dict:
@@ -146,7 +170,7 @@ def run_proof(optimizer: str, branch_set: str, steps: int = 200, seed: int = 0) 
         scheds = [torch.optim.lr_scheduler.CosineAnnealingLR(o, T_max=steps) for o in (stock, rep)]
     accumulate = extras.get("accumulate", 1)
 
-    errors = []
+    errors, paths = [], set()
     for step in range(steps):
         for model, opt in ((csla, stock), (target, rep)):
             opt.zero_grad(set_to_none=True)
@@ -154,11 +178,12 @@ def run_proof(optimizer: str, branch_set: str, steps: int = 200, seed: int = 0) 
                 x, y = batches[(step * accumulate + k) % len(batches)]
                 (_loss(model, x, y, head) / accumulate).backward()
             opt.step()
+        paths.update(rep.last_step_paths)
         for s in scheds:
             s.step()
         with torch.no_grad():
             errors.append(rel_err(target[0].weight, csla[0].equivalent_kernel()))
-    return ProofResult(optimizer, branch_set, steps, max(errors), errors)
+    return ProofResult(optimizer, branch_set, steps, max(errors), errors, sorted(paths), expected_path(optimizer))
 
 
 def run_all(steps: int = 200, seed: int = 0, progress: bool = False) -> list[ProofResult]:

@@ -5,8 +5,8 @@ step is  W' <- W' (1 - lr wd) - lr m_hat * U  with U from the branch scales, ins
 Parameters without branch scales go through torch's functional `adamw` unchanged (all its paths). Target convs take
 the native CPU kernel where it builds (native.py: the whole update in one pass, float32/float64 CPU weights), else the
 eager tensor ops of `_step_target`. Both round every operation alike except the square root: torch's CPU sqrt is not
-correctly rounded (the kernel's is), so the two differ by at most eps |p'| + 8 eps |step| per step (tests/test_native.py);
-with a correctly rounded sqrt they agree bit for bit.
+correctly rounded (the kernel's is), so the two differ by at most eps |p'| + 8 eps |step| per step
+(tests/test_native.py); with a correctly rounded sqrt they agree bit for bit.
 """
 from __future__ import annotations
 
@@ -64,6 +64,7 @@ class RepOptAdamW(RepOptMixin, torch.optim.AdamW):
     @torch.no_grad()
     def step(self, closure=None):
         loss = self._evaluate_closure(closure)
+        self._begin_step_paths()
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         for gi, group in enumerate(self.param_groups):
             plain = ([], [], [], [], [], [])
@@ -86,8 +87,10 @@ class RepOptAdamW(RepOptMixin, torch.optim.AdamW):
                         fast.append((p, p.grad, state, job))
                     else:
                         self._step_target(p, bs, state, group, grad_scale, found_inf)
+                        self._took("eager")
             if fast:
                 self._step_native(group, fast)
+                self._took("native", len(fast))
             if plain[0]:
                 beta1, beta2 = group["betas"]
                 adamw(*plain, foreach=group["foreach"], capturable=group["capturable"],

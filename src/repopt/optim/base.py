@@ -4,9 +4,13 @@ The multipliers are kept *next to* the param groups (one entry per parameter, by
 `optimizer.state`: torch's `load_state_dict` replaces the whole state, so anything stored there would vanish when a
 checkpoint without it is loaded. `state_dict()` adds the per-channel scales under one extra key so that a resumed run
 can be checked against the multipliers it started with.
+
+Every step records which path updated each target weight (`last_step_paths`, `path_counts`: "native", "compiled",
+"blocks", "whole", "eager"), so that a proof or a benchmark can assert the path it claims rather than the one asked for.
 """
 from __future__ import annotations
 
+from collections import Counter
 from typing import Any, Mapping
 
 import torch
@@ -41,6 +45,27 @@ class RepOptMixin:
                 raise TypeError(f"grad_mults values must be repopt.BranchSet or Tensor, got {type(spec).__name__}")
             self._pending_mults[p] = spec
         self._multipliers: list[list] = []
+        self._init_paths()
+
+    # ---- which path updated each target weight (the proofs and benchmarks assert the path they claim) ---------------
+    def _init_paths(self) -> None:
+        self.path_counts: Counter[str] = Counter()  # target-weight updates per path since construction
+        self.last_step_paths: Counter[str] = Counter()  # the same, for the latest step() (empty: skipped)
+
+    def _begin_step_paths(self) -> None:
+        self.last_step_paths = Counter()
+
+    @property
+    def last_path(self) -> str:
+        """The path(s) of the latest step, e.g. "native" or "blocks+whole" ("" when it was skipped)."""
+        return "+".join(sorted(self.last_step_paths))
+
+    def _took(self, path: str, weights: int = 1) -> None:
+        """Record that `weights` target weights were updated by `path` ("native", "compiled", "blocks", "whole" or
+        "eager") in this step."""
+        if weights:
+            self.last_step_paths[path] += weights
+            self.path_counts[path] += weights
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)

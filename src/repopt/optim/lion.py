@@ -42,6 +42,7 @@ class RepOptLion(RepOptMixin, torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = self._evaluate_closure(closure)
+        self._begin_step_paths()
         for gi, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
             lr, wd = group["lr"], group["weight_decay"]
@@ -67,9 +68,11 @@ class RepOptLion(RepOptMixin, torch.optim.Optimizer):
                 update = exp_avg.mul(beta1).add_(grad, alpha=1 - beta1).sign_()
                 if mult is not None:
                     mult.multiply_rows(update, 0, update, power=1)  # in place: no second temporary
+                    self._took("eager")
                 p.add_(update, alpha=-lr)
                 exp_avg.mul_(beta2).add_(grad, alpha=1 - beta2)
             for dtype, (jobs, tensors) in fast.items():
+                self._took("native", len(jobs))
                 native_kernel.adaptive_step(jobs, native_kernel.LION, dtype, tensors, lr=float(lr),
                                             weight_decay=float(wd), beta1=beta1, beta2=beta2,
                                             maximize=group["maximize"])

@@ -102,11 +102,13 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
     @_use_grad_for_differentiable
     def step(self, closure=None):
         loss = self._evaluate_closure(closure)
+        self._begin_step_paths()
         if self._skips_a_first_step():
             return loss
         for gi, group in enumerate(self.param_groups):
             momentum = group["momentum"] != 0
             params, grads, buffers, blocked, compiled, native = [], [], [], [], [], []
+            whole = 0
             has_sparse = False
             use_native = self._native_allowed(group)
             for p, mult in zip(group["params"], self._multipliers[gi]):
@@ -129,6 +131,7 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
                         blocked.append((p, mult, buf))
                         continue
                     grad = mult.multiply(grad) if group["differentiable"] else mult.apply_sgd(grad)
+                    whole += 1
                 has_sparse |= grad.is_sparse
                 params.append(p)
                 grads.append(grad)
@@ -139,19 +142,23 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
                 if momentum:
                     for p, buf in zip(params, buffers):
                         self.state[p]["momentum_buffer"] = buf
+                self._took("whole", whole)
             if native:
                 self._step_native(group, native)
+                self._took("native", len(native))
             lr = group["lr"]
             if compiled and not isinstance(lr, Tensor):
                 lr = torch.tensor(lr, dtype=compiled[0][0].dtype, device=compiled[0][0].device)
             for i, (p, mult, buf) in enumerate(compiled):
+                first = momentum and buf is None
                 try:
-                    step_compiled(group, p, mult, buf, lr)
+                    step_compiled(group, p, mult, self._new_buffer(p) if first else buf, lr, first)
+                    self._took("compiled")
                 except Exception as e:  # no C++ compiler, an unsupported backend...: the eager path is exact too
                     if i:  # a failure after a success is a bug, not a missing toolchain
                         raise
                     warnings.warn(f"RepOptSGD(compiled=True) could not compile its update ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''}); using the eager path", stacklevel=2)
+                                  f"{str(e).splitlines()[0] if str(e) else ''}); using its other paths", stacklevel=2)
                     self.compiled = False
                     blocked += compiled
                     break
@@ -159,10 +166,16 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
                 # torch's fused SGD treats a call as a first step only when no buffer at all exists yet
                 first = [item for item in blocked if momentum and item[2] is None]
                 self._step_in_blocks(group, [item for item in blocked if not (momentum and item[2] is None)])
-                for p, mult, _ in first:  # zeros: filled block by block below, never read uninitialised
-                    self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                for p, mult, _ in first:  # filled block by block below
+                    self._new_buffer(p)
                 self._step_in_blocks(group, [(p, m, None) for p, m, _ in first], first_step=True)
+                self._took("blocks", len(blocked))
         return loss
+
+    def _new_buffer(self, p: Tensor) -> Tensor:
+        """p's momentum buffer, created for a first step (zeros: never uninitialised, even if that step fails)."""
+        buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return buf
 
     def _step_native(self, group, items: list) -> None:
         """The default path on CPU: one native call updates every float32/float64 target weight of the group."""
@@ -170,8 +183,8 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
         by_dtype: dict[torch.dtype, tuple[list, list]] = {}
         for p, grad, buf, (job, table) in items:
             first = momentum and buf is None
-            if first:  # zeros, not empty: the kernel overwrites it, but never reads uninitialised memory
-                buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p)
+            if first:  # the kernel overwrites it
+                buf = self._new_buffer(p)
             jobs, tensors = by_dtype.setdefault(p.dtype, ([], []))
             jobs.append(native_kernel.bind(job, p, grad, buf, first))
             tensors += [p, grad, buf, table]
@@ -179,10 +192,10 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
             native_kernel.sgd_step(jobs, group, dtype, tensors)
 
     def _compilable(self, group, p: Tensor, mult, buf: Tensor | None) -> bool:
-        """The compiled path takes contiguous weights with branch scales once their momentum buffer exists."""
+        """The compiled path takes contiguous weights with branch scales (first steps included)."""
         return (self.compiled and isinstance(mult, BranchSet) and not group["differentiable"]
-                and not self._unscale_pending() and (buf is not None or group["momentum"] == 0)
-                and p.is_contiguous() and p.grad.is_contiguous() and (buf is None or buf.is_contiguous())
+                and not self._unscale_pending() and p.is_contiguous() and p.grad.is_contiguous()
+                and (buf is None or buf.is_contiguous())
                 and native_kernel.disjoint([p, p.grad, *([buf] if buf is not None else [])]))
 
     def _step_in_blocks(self, group, blocked: list, first_step: bool = False) -> None:

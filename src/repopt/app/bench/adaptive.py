@@ -39,7 +39,8 @@ def adaptive_steps(arch, num_classes: int, repeats: int, device="cpu", scales=No
         variants["repopt_lion_eager"] = RepOptLion.from_scales(model(), scales, native=False, **LION_FLAGS).step
     _same_gradients(models)
     times = interleaved(variants, repeats, warmup=2, sync=sync, progress=progress)
-    out = {"arch": arch_name(arch), "path": "native" if native_here else "eager",
+    out = {"arch": arch_name(arch), "path": variants["repopt_adamw"].__self__.last_path,
+           "lion_path": variants["repopt_lion"].__self__.last_path,
            **{k: summary(v) for k, v in times.items()},
            "adamw_ratio": paired_ratio(times["repopt_adamw"], times["torch_adamw"]),
            "lion_ratio": paired_ratio(times["repopt_lion"], times["lion"])}

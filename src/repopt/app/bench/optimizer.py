@@ -43,7 +43,7 @@ def _compiled_variant(arch, num_classes, scales, device, flags, models, model_op
     opt.compiled = True
     models.append(model)
     _same_gradients(models)
-    opt.step()  # the first step creates the momentum buffers (block path)
+    opt.step()  # the first step compiles its own variant (it creates the momentum buffers)
     t0 = time.perf_counter()
     opt.step()
     return opt, time.perf_counter() - t0
@@ -63,8 +63,7 @@ def optimizer_step(arch: str, num_classes: int, repeats: int, device="cpu", warm
     rep, opt_rep = build("repopt", arch, num_classes, scales=scales, device=device, sgd_flags=flags,
                          **model_options)
     models, variants = [plain, rep], {"torch_sgd": opt_plain.step, "repopt_sgd": opt_rep.step}
-    path = "native" if torch.device(device).type == "cpu" and native.available() else "eager"
-    if path == "native":
+    if torch.device(device).type == "cpu" and native.available():
         variants["repopt_sgd_eager"] = _eager_variant(arch, num_classes, scales, device, flags, models,
                                                       model_options).step
     compiled_info = None
@@ -82,7 +81,7 @@ def optimizer_step(arch: str, num_classes: int, repeats: int, device="cpu", warm
         "arch": arch_name(arch), "params": sum(p.numel() for p in rep.parameters()),
         "params_with_multiplier": targets, "flags": {k: v for k, v in flags.items() if k != "lr"},
         "torch_sgd": summary(times["torch_sgd"]), "repopt_sgd": summary(times["repopt_sgd"]),
-        "ratio": paired_ratio(times["repopt_sgd"], times["torch_sgd"]), "path": path,
+        "ratio": paired_ratio(times["repopt_sgd"], times["torch_sgd"]), "path": opt_rep.last_path,
         "param_bytes": n_bytes, "extra_state_bytes": extra, "extra_state_fraction": extra / n_bytes,
         "scratch_bytes_per_step": getattr(opt_rep, "scratch_bytes", 0),
     }
@@ -91,5 +90,6 @@ def optimizer_step(arch: str, num_classes: int, repeats: int, device="cpu", warm
                                    "ratio": paired_ratio(times["repopt_sgd_eager"], times["torch_sgd"])}
     if compiled_info is not None:
         out["repopt_sgd_compiled"] = {**summary(times["repopt_sgd_compiled"]), **compiled_info,
+                                      "path": opt_c.last_path,
                                       "ratio": paired_ratio(times["repopt_sgd_compiled"], times["torch_sgd"])}
     return out

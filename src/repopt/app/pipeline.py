@@ -14,10 +14,17 @@ from .runs import finished_result, hs_config, search_scales
 from .train import TrainConfig, train
 
 METHODS = ("repopt", "repvgg", "plain")
+INT8_BACKENDS = {"torchao": "torchao PT2E, x86 (oneDNN int8)",
+                 "onnxruntime": "onnxruntime QDQ (RUN/model.int8.onnx)"}
 
 
-def int8_column(run_dir: Path, calib_batches: int = 8, quiet: bool = True) -> dict | None:
-    """INT8 PTQ top-1 of a finished run's deployed model, or None when the `quant` extra is missing."""
+def int8_column(run_dir: Path, calib_batches: int = 8, quiet: bool = True, backend: str = "torchao") -> dict | None:
+    """INT8 PTQ top-1 of a finished run's deployed model, or None when the backend's extra is missing. The
+    onnxruntime backend also leaves the INT8 file in the run directory."""
+    if backend == "onnxruntime":
+        from .deploy import int8_onnx_column
+
+        return int8_onnx_column(run_dir, calib_batches, quiet)
     from .checkpoint import load_trained
     from ..data import load_dataset, serving_options
     from ..quant import QuantDependencyError, QuantSettings, evaluate_top1, quantize_ptq
@@ -35,7 +42,8 @@ def int8_column(run_dir: Path, calib_batches: int = 8, quiet: bool = True) -> di
     return {"int8_top1": evaluate_top1(int8, ds.test_batches(64)), "int8_settings": settings.to_dict()}
 
 
-def run_pipeline(base: TrainConfig, hs_epochs: int, methods=METHODS, int8: bool = True) -> dict:
+def run_pipeline(base: TrainConfig, hs_epochs: int, methods=METHODS, int8: bool = True,
+                 int8_backend: str = "torchao") -> dict:
     out = Path(base.out)
     out.mkdir(parents=True, exist_ok=True)
     say = (lambda msg: None) if base.quiet else (lambda msg: print(f"[pipeline] {msg}", flush=True))
@@ -50,8 +58,8 @@ def run_pipeline(base: TrainConfig, hs_epochs: int, methods=METHODS, int8: bool 
         row = {k: result[k] for k in ("method", "top1", "train_seconds", "train_images_per_s", "params")}
         row["deployed_top1"] = result["deployed_top1"]
         if int8:
-            say(f"int8 {method}")
-            q = int8_column(Path(cfg.out), quiet=base.quiet)
+            say(f"int8 {method} ({int8_backend})")
+            q = int8_column(Path(cfg.out), quiet=base.quiet, backend=int8_backend)
             if q is not None:
                 row["int8_top1"] = q["int8_top1"]
                 report_settings = q["int8_settings"]
@@ -61,6 +69,7 @@ def run_pipeline(base: TrainConfig, hs_epochs: int, methods=METHODS, int8: bool 
               "hs_top1": hs_result["top1"], "scales": str(scales), "results": rows}
     if int8 and any("int8_top1" in r for r in rows):
         report["int8_settings"] = report_settings
+        report["int8_backend"] = INT8_BACKENDS[int8_backend]
     write_json(out / "report.json", report)
     write_text(out / "report.md", report_markdown(report))
     plot_curves({m: out / m / "metrics.jsonl" for m in methods}, out / "curves.png", quiet=True)
@@ -79,6 +88,8 @@ def report_markdown(report: dict) -> str:
         int8 = f" {r['int8_top1']:.2f} |" if has_int8 and "int8_top1" in r else (" - |" if has_int8 else "")
         lines.append(f"| {r['method']} | {r['top1']:.2f} |{int8} {r['train_seconds']:.1f} | "
                      f"{r['train_images_per_s']:.0f} | {r['params']:,} |")
+    if has_int8 and report.get("int8_backend"):
+        lines += ["", f"INT8: post-training quantization with {report['int8_backend']}, test set."]
     lines += ["", "The hyper-search model's own accuracy is not a quality signal "
               f"(HS top-1 here: {report['hs_top1']:.2f}%).", ""]
     return "\n".join(lines)

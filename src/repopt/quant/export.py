@@ -17,9 +17,10 @@ class ExportDependencyError(MissingExtraError):
 
 
 def export_onnx(model: nn.Module, example: Tensor, path: str | os.PathLike, *, fold: bool = True,
-                opset: int | None = None) -> str:
+                opset: int | None = None, metadata: dict[str, str] | None = None) -> str:
     """Write `model` (BN folded first on a copy when `fold`; a RepVGG model must already be fused) as ONNX with a
-    dynamic batch dimension, input "input" and output "logits". The file appears whole or not at all."""
+    dynamic batch dimension, input "input" and output "logits", and `metadata` in the model's metadata_props. The
+    file appears whole or not at all."""
     for module in ("onnx", "onnxscript"):  # the torch.export-based exporter needs both
         require(module, "export", "ONNX export", ExportDependencyError)
     deployed = (fold_batchnorm(model) if fold else model).eval()
@@ -28,6 +29,7 @@ def export_onnx(model: nn.Module, example: Tensor, path: str | os.PathLike, *, f
         program = torch.onnx.export(deployed, args, None, dynamo=True, dynamic_shapes=shapes,
                                     input_names=["input"], output_names=["logits"], opset_version=opset,
                                     external_data=False, verbose=False)
+    program.model.metadata_props.update({k: str(v) for k, v in (metadata or {}).items()})
     # weights inside the file: one artefact to ship
     atomic_write(path, lambda tmp: program.save(str(tmp), external_data=False))
     return os.fspath(path)

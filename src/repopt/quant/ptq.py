@@ -149,15 +149,20 @@ class Int8Model(nn.Module):
     """A lowered int8 graph plus the settings that made it.
 
     The lowered graph is specialised to one batch size (the first calibration batch); other batch sizes are run in
-    chunks of that size, the last one zero-padded (samples are independent in eval mode).
+    chunks of that size, the last one zero-padded (samples are independent in eval mode). `converted` is the
+    quantized program before lowering (reference quantize / dequantize ops, int8 weights as plain tensors): unlike
+    the lowered graph, it can be saved (`repopt.quant.save_int8_program`).
     """
 
-    def __init__(self, graph: nn.Module, batch_size: int, settings: QuantSettings, images_seen: int = 0):
+    def __init__(self, graph: nn.Module, batch_size: int, settings: QuantSettings, images_seen: int = 0,
+                 converted: nn.Module | None = None, input_shape: tuple[int, ...] | None = None):
         super().__init__()
         self.graph = graph
         self.batch_size = batch_size
         self.settings = settings
         self.images_seen = images_seen  # calibration images (PTQ) or fine-tune images, all epochs (QAT)
+        self.input_shape = input_shape  # (C, H, W) of one image
+        object.__setattr__(self, "converted", converted)  # not a submodule: kept out of modules() / state_dict()
         self.training = False
 
     def forward(self, x: Tensor) -> Tensor:
@@ -218,7 +223,7 @@ def _lower(prepared: nn.Module, example: Tensor, settings: QuantSettings, images
         converted = ao.qp.convert_pt2e(prepared)
         with torch.no_grad():
             graph = ao.lower(converted, (example,))
-    return Int8Model(graph, example.shape[0], settings, images_seen)
+    return Int8Model(graph, example.shape[0], settings, images_seen, converted, tuple(example.shape[1:]))
 
 
 def quantize_ptq(model: nn.Module, calib_batches: Iterable, settings: QuantSettings | None = None) -> Int8Model:

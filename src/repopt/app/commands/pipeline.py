@@ -7,6 +7,7 @@ HELP = ("Hyper-search, then train RepOpt, RepVGG and plain with the same budget,
 EXAMPLES = """examples:
   repopt pipeline                                   # embedded digits, repopt_vgg_tiny, a few minutes on a laptop CPU
   repopt pipeline --dataset cifar10 --data-dir ~/data --arch repopt_vgg_small --epochs 40 --out runs/cifar10
+  repopt pipeline --int8-backend onnxruntime        # also writes runs/pipeline/<method>/model.int8.onnx
 Re-running the same command resumes: finished stages are skipped, a stopped one continues from its checkpoint.
 """
 
@@ -19,6 +20,9 @@ def add_arguments(p) -> None:
 
     p.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS)
     p.add_argument("--no-int8", action="store_true", help="skip the INT8 column")
+    p.add_argument("--int8-backend", default="torchao", choices=["torchao", "onnxruntime"],
+                   help="INT8 column from torchao PT2E (default) or onnxruntime, which also writes "
+                        "OUT/<method>/model.int8.onnx")
     p.add_argument("--json", action="store_true", help="print report.json instead of the table")
     add_training_arguments(p, "runs/pipeline", epochs_default=DEFAULT_EPOCHS)
 
@@ -30,7 +34,7 @@ def run(args) -> int:
     from .common import config_from_args, hs_epochs_of
 
     base = config_from_args(args, "repopt", args.out)
-    report = run_pipeline(base, hs_epochs_of(args, base), int8=not args.no_int8)
+    report = run_pipeline(base, hs_epochs_of(args, base), int8=not args.no_int8, int8_backend=args.int8_backend)
     print(json.dumps(report, indent=2) if args.json else report_markdown(report))
     if not args.json:
         print(f"written: {args.out}/report.json, {args.out}/report.md, {args.out}/curves.png")

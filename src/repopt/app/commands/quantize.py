@@ -23,8 +23,10 @@ other jobs use --threads 1: torch's threads wait for each other, and a deschedul
 The test set also gives the logit SQNR (dB) of each int8 model against fp32: it shows quantization error even where
 top-1 saturates.
 
-No --output: the int8 model is not saved, because its lowered graph holds oneDNN packed weights (opaque tensors)
-that torch.export.save cannot serialise; export the fp32 network with `repopt export` and quantize where it runs.
+--save FILE.pt2 writes the quantized program before lowering (int8 weights, reference quantize / dequantize ops),
+with the training config; `repopt eval FILE.pt2` (or repopt.quant.load_int8_program) loads it in another process and
+lowers it to oneDNN int8 kernels there. The lowered graph itself cannot be saved: it holds oneDNN packed weights
+(opaque tensors) that torch.export.save refuses. For a file that runs outside PyTorch use `repopt export --int8`.
 Needs the `quant` extra: pip install 'repopt[quant]'.
 """
 
@@ -49,6 +51,8 @@ def add_arguments(p) -> None:
     p.add_argument("--qat-lr", type=float, default=1e-4, help="QAT learning rate, SGD momentum 0.9 (default 1e-4)")
     p.add_argument("--repeats", type=int, default=30, help="timed forward passes per model (default 30)")
     p.add_argument("--threads", type=int, default=None, help="torch threads while timing (default: torch's choice)")
+    p.add_argument("--save", default=None, metavar="FILE.pt2",
+                   help="write the PTQ program (before lowering) here, to be reloaded with `repopt eval FILE.pt2`")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
 
 
@@ -152,6 +156,13 @@ def _check(args) -> None:
             raise UserError(f"{flag} must be at least {low}, got {value}")
     if not args.qat_lr > 0:
         raise UserError(f"--qat-lr must be > 0, got {args.qat_lr}")
+    if args.save is not None:
+        from pathlib import Path
+
+        if Path(args.save).suffix != ".pt2":
+            raise UserError(f"--save {args.save}: the file name must end in .pt2 (a torch.export archive)")
+        if not Path(args.save).resolve().parent.is_dir():
+            raise UserError(f"cannot write {args.save}: the folder {Path(args.save).resolve().parent} does not exist")
 
 
 def run(args) -> int:
@@ -193,6 +204,12 @@ def run(args) -> int:
     out["settings"] = int8.report()
     if qat is not None:
         out["qat_settings"] = qat.report()
+    if args.save is not None:
+        from ...quant import save_int8_program
+
+        save_int8_program(int8, args.save, {"config": cfg, "source": str(args.checkpoint), "calibration_dataset":
+                                            ds.name, "test": {k: out[k] for k in ("fp32_top1", "int8_top1")}})
+        out["saved"] = args.save
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
@@ -207,6 +224,8 @@ def run(args) -> int:
               f"logit SQNR {out['qat_int8_logit_sqnr_db']:.1f} dB")
     print(f"  {'per-channel' if s['per_channel'] else 'per-tensor'} weights, {s['activation_observer']} observer, "
           f"reduce_range={s['reduce_range']}, {s['images_seen']} calibration images")
+    if args.save is not None:
+        print(f"  saved the quantized program (before lowering) to {args.save}; `repopt eval {args.save}` reloads it")
     load = t["load_average_1min"]
     print(f"  timing: median of {args.repeats}, batch {x.shape[0]}, torch threads {t['threads']}"
           + (f", load average {load:.2f} on {t['cpus']} CPUs" if load is not None else ""))

@@ -81,6 +81,7 @@ def export_int8(run, output, *, settings, dataset=None, data_dir=None, batch_siz
 
     from ..data import DEFAULT_IMAGE_SIZE
     from ..quant import OnnxModel, export_onnx, quantize_onnx, set_metadata
+    from ..quant.onnx_int8 import check_batch
     from .commands.quantize import compare_on_test, dataset_for, load_deployed, paired_latency_ms
 
     from .checkpoint import find_model_file
@@ -91,6 +92,8 @@ def export_int8(run, output, *, settings, dataset=None, data_dir=None, batch_siz
     size = cfg.get("image_size") or DEFAULT_IMAGE_SIZE.get(cfg["dataset"], 32)
     s = settings.resolved()
     calib = ds.calibration_batches(s.calib_batches, batch_size)
+    if calib:  # refuse data that cannot fit before the (slow) export; quantize_onnx checks every batch again
+        check_batch(calib[0][0], [None, 3, size, size], "calibration batch 0")
     normalization = {"mean": list(ds.mean), "std": list(ds.std), "of": f"{ds.name} training images, [0, 1] units"}
     inp = {"name": "input", "shape": ["N", 3, size, size], "normalization": normalization}
     with tempfile.TemporaryDirectory(prefix="repopt-export-") as tmp:

@@ -14,6 +14,9 @@ INT8 / fp32 latency ratio in onnxruntime at batch 1 and batch 64 (and torchao's 
     python bench/int8_onnx_table.py runs/a0/s0 runs/a0/s1 runs/a0/s2 --threads 1 --out runs/a0/int8
 
 Re-run it on any other set of pipeline folders (other dataset, deeper net): nothing here is specific to one.
+How the latency ratio depends on the input size (random weights; the values do not change the timing):
+
+    python bench/int8_onnx_table.py --latency-sweep repopt_vgg_a0 --sizes 16 28 32 64 --threads 1 --out runs/sweep
 """
 from __future__ import annotations
 
@@ -151,6 +154,32 @@ def latency_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def latency_sweep(arch: str, sizes: list[int], threads: int, repeats: int, out: Path) -> str:
+    """INT8 / fp32 in onnxruntime for one architecture at several input sizes, with random weights and random
+    calibration images: latency depends on shapes, not on the values. Shows where the int8 kernels pay off."""
+    import torch
+
+    from repopt.app.commands.quantize import paired_latency_ms
+    from repopt.models import create
+    from repopt.quant import OnnxModel, OnnxQuantSettings, export_onnx, quantize_onnx
+
+    torch.manual_seed(0)
+    model = create(arch, mode="target", num_classes=10).eval()
+    lines = [f"{arch}, random weights, onnxruntime {threads} thread(s), median of {repeats} alternating runs", "",
+             "| input | batch | fp32 ms | INT8 ms | INT8 / fp32 | load average |", "|---|---|---|---|---|---|"]
+    for size in sizes:
+        fp32_path, int8_path = out / f"sweep-{arch}-{size}.onnx", out / f"sweep-{arch}-{size}.int8.onnx"
+        export_onnx(model, torch.zeros(2, 3, size, size), fp32_path)
+        calib = [torch.randn(64, 3, size, size) for _ in range(4)]
+        quantize_onnx(fp32_path, int8_path, calib, OnnxQuantSettings(calib_batches=4))
+        f, q = OnnxModel(fp32_path, threads, False), OnnxModel(int8_path, threads, False)
+        for b in (1, 64):
+            f_ms, q_ms = paired_latency_ms(f, q, calib[0][:b], repeats)
+            fm, qm = statistics.median(f_ms), statistics.median(q_ms)
+            lines.append(f"| {size}x{size} | {b} | {fm:.3f} | {qm:.3f} | {qm / fm:.2f} | {os.getloadavg()[0]:.1f} |")
+    return "\n".join(lines)
+
+
 def describe(rows: list[dict]) -> str:
     first = rows[0]["onnxruntime"]
     s, ao = first["settings"], rows[0]["torchao"]["settings"]
@@ -167,15 +196,21 @@ def describe(rows: list[dict]) -> str:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("folders", nargs="+", type=Path, help="`repopt pipeline` output folders (one per seed)")
+    p.add_argument("folders", nargs="*", type=Path, help="`repopt pipeline` output folders (one per seed)")
     p.add_argument("--methods", nargs="+", default=list(METHODS))
     p.add_argument("--calib-batches", type=int, default=32)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--out", type=Path, required=True, help="folder for the INT8 files and the raw JSON")
     p.add_argument("--tables-only", action="store_true", help="print the tables from OUT/int8-onnx-table.json")
+    p.add_argument("--latency-sweep", metavar="ARCH", default=None,
+                   help="instead: time ARCH (random weights) at the --sizes given, fp32 vs INT8 in onnxruntime")
+    p.add_argument("--sizes", nargs="+", type=int, default=[16, 32, 64])
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.latency_sweep:
+        print(latency_sweep(args.latency_sweep, args.sizes, args.threads, args.repeats, args.out))
+        return
     raw = args.out / "int8-onnx-table.json"
     if args.tables_only:
         rows = json.loads(raw.read_text())["rows"]

@@ -147,7 +147,8 @@ def latency_table(rows: list[dict]) -> str:
                      f"{min(ratios):.2f}-{max(ratios):.2f} | {len(lat)} | {load} |")
     ao = [r["torchao"] for r in sel]
     ratios = [a["int8_ms_per_batch"] / a["fp32_ms_per_batch"] for a in ao]
-    lines.append(f"| torchao (fp32: eager PyTorch) | {ao[0]['timing']['batch_size']} | {ao[0]['timing']['threads']} | "
+    t = ao[0]["timing"]
+    lines.append(f"| torchao (fp32: eager PyTorch) | {t['batch_size']} | {t['threads']} | "
                  f"{statistics.median(a['fp32_ms_per_batch'] for a in ao):.3f} | "
                  f"{statistics.median(a['int8_ms_per_batch'] for a in ao):.3f} | {statistics.median(ratios):.2f} | "
                  f"{min(ratios):.2f}-{max(ratios):.2f} | {len(ao)} | {load} |")
@@ -174,7 +175,7 @@ def latency_sweep(arch: str, sizes: list[int], threads: int, repeats: int, out: 
         quantize_onnx(fp32_path, int8_path, calib, OnnxQuantSettings(calib_batches=4))
         f, q = OnnxModel(fp32_path, threads, False), OnnxModel(int8_path, threads, False)
         for b in (1, 64):
-            f_ms, q_ms = paired_latency_ms(f, q, calib[0][:b], repeats)
+            f_ms, q_ms = paired_latency_ms(f.runner(calib[0][:b]), q.runner(calib[0][:b]), None, repeats)
             fm, qm = statistics.median(f_ms), statistics.median(q_ms)
             lines.append(f"| {size}x{size} | {b} | {fm:.3f} | {qm:.3f} | {qm / fm:.2f} | {os.getloadavg()[0]:.1f} |")
     return "\n".join(lines)

@@ -82,7 +82,7 @@ def export_int8(run, output, *, settings, dataset=None, data_dir=None, batch_siz
     from ..data import DEFAULT_IMAGE_SIZE
     from ..quant import OnnxModel, export_onnx, quantize_onnx, set_metadata
     from ..quant.onnx_int8 import check_batch
-    from .commands.quantize import compare_on_test, dataset_for, load_deployed, paired_latency_ms
+    from .commands.quantize import compare_on_test, dataset_for, load_deployed
 
     from .checkpoint import find_model_file
 
@@ -105,13 +105,7 @@ def export_int8(run, output, *, settings, dataset=None, data_dir=None, batch_siz
         set_metadata(int8_path, {"repopt.precision": "int8", "repopt.int8": json.dumps(report)})
         fp32, int8 = OnnxModel(fp32_path, threads), OnnxModel(int8_path, threads)
         test = compare_on_test(fp32, {"int8": int8}, ds.test_batches(batch_size))
-        x = calib[0][0]
-        latency = {}
-        for b in sorted({1, x.shape[0]}):
-            f_ms, q_ms = paired_latency_ms(fp32, int8, x[:b], repeats)
-            latency[f"batch_{b}"] = {"batch": b, "fp32_ms": statistics.median(f_ms), "int8_ms": statistics.median(q_ms),
-                                     "fp32_min_ms": min(f_ms), "int8_min_ms": min(q_ms),
-                                     "int8_over_fp32": statistics.median(q_ms) / statistics.median(f_ms)}
+        latency = _latency(fp32, int8, calib[0][0], repeats, threads)
         out = {"file": os.fspath(output), "bytes": int8_path.stat().st_size, "sha256": _sha256(int8_path),
                "fp32_bytes": fp32_path.stat().st_size,
                "source": {"run": os.fspath(run), "model_file": os.fspath(model_file), "method": cfg["method"],
@@ -123,13 +117,27 @@ def export_int8(run, output, *, settings, dataset=None, data_dir=None, batch_siz
                                "images_from": "training set, unaugmented, one fixed shuffle (seed 0)"},
                "settings": report,
                "test": {"dataset": ds.name, "images": ds.num_test, "backend": "onnxruntime", **test},
-               "latency": {"backend": "onnxruntime CPUExecutionProvider", "threads": threads or "onnxruntime default",
-                           "repeats": repeats, "timing": "median of alternating fp32 / int8 runs on the same batch",
-                           "cpus": os.cpu_count(), "load_average_1min": _load(), **latency},
+               "latency": latency,
                "command": _command(run, output, s, dataset, data_dir, batch_size, threads, repeats, opset),
                "versions": {"torch": torch.__version__, **{k: report.get(k) for k in ("onnxruntime", "onnx")}}}
         atomic_write(output, lambda t: shutil.copyfile(int8_path, t))
     write_json(settings_path(output), out)
+    return out
+
+
+def _latency(fp32, int8, x, repeats: int, threads) -> dict:
+    """ms per session run of both files at batch 1 and at the batch of `x`: median of alternating runs (both see the
+    same machine load), input converted to numpy once, outside the timing."""
+    from .commands.quantize import paired_latency_ms
+
+    out = {"backend": "onnxruntime CPUExecutionProvider", "threads": threads or "onnxruntime default",
+           "repeats": repeats, "timing": "median of alternating fp32 / int8 session runs on the same batch",
+           "cpus": os.cpu_count(), "load_average_1min": _load()}
+    for b in sorted({1, x.shape[0]}):
+        f_ms, q_ms = paired_latency_ms(fp32.runner(x[:b]), int8.runner(x[:b]), None, repeats)
+        f, q = statistics.median(f_ms), statistics.median(q_ms)
+        out[f"batch_{b}"] = {"batch": b, "fp32_ms": f, "int8_ms": q, "fp32_min_ms": min(f_ms),
+                             "int8_min_ms": min(q_ms), "int8_over_fp32": q / f}
     return out
 
 

@@ -137,7 +137,8 @@ def latency_table(rows: list[dict]) -> str:
     loads = [r["load_average_before"] for r in rows] + [r["load_average_after"] for r in rows]
     load = f"{min(loads):.1f}-{max(loads):.1f}"
     sel = [r for r in rows if r["granularity"] == "per_channel"]
-    batches = sorted({v["batch"] for r in sel for k, v in r["onnxruntime"]["latency"].items() if k.startswith("batch_")})
+    batches = sorted({v["batch"] for r in sel for k, v in r["onnxruntime"]["latency"].items()
+                      if k.startswith("batch_")})
     for b in batches:
         lat = [r["onnxruntime"]["latency"][f"batch_{b}"] for r in sel]
         ratios = [v["int8_over_fp32"] for v in lat]

@@ -21,6 +21,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
+from .._io import atomic_write
 from ._extras import quiet, require
 from .export import ExportDependencyError
 from .ptq import cpu_has_vnni
@@ -106,8 +107,7 @@ def check_batch(x: Tensor, dims: list, where: str) -> None:
     """Refuse an input batch whose shape does not fit `dims` (the model's input, dynamic dims as str or None)."""
     want = "(" + ", ".join(str(d) if isinstance(d, int) else "N" for d in dims) + ")"
     if x.dim() != len(dims):
-        raise InputShapeError(f"{where} has shape {tuple(x.shape)}, but the model takes {len(dims)}-D input "
-                                   f"{want}")
+        raise InputShapeError(f"{where} has shape {tuple(x.shape)}, but the model takes {len(dims)}-D input {want}")
     for axis, (got, need) in enumerate(zip(x.shape, dims)):
         if isinstance(need, int) and need > 0 and got != need:
             what = f"{got} channel{'s' * (got != 1)}" if axis == 1 else f"{got} on axis {axis}"
@@ -118,7 +118,7 @@ def _as_input(b) -> Tensor:
     x = b[0] if isinstance(b, (tuple, list)) else b
     if not isinstance(x, Tensor):
         raise InputShapeError(f"calibration batches must be tensors or (tensor, label) pairs, got "
-                                   f"{type(x).__name__}")
+                              f"{type(x).__name__}")
     return x
 
 
@@ -163,8 +163,6 @@ def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
     method = {"minmax": q.CalibrationMethod.MinMax, "entropy": q.CalibrationMethod.Entropy,
               "percentile": q.CalibrationMethod.Percentile}[s.calibrate_method]
     act = q.QuantType.QUInt8 if s.activations == "uint8" else q.QuantType.QInt8
-    from .._io import atomic_write
-
     with tempfile.TemporaryDirectory(prefix="repopt-int8-") as tmp:
         pre, int8 = Path(tmp) / "pre.onnx", Path(tmp) / "int8.onnx"
         with quiet("onnxruntime", "root", categories=(DeprecationWarning, FutureWarning, UserWarning)):
@@ -189,8 +187,6 @@ def op_counts(path: str | os.PathLike) -> dict[str, int]:
 def set_metadata(path: str | os.PathLike, metadata: dict[str, str]) -> None:
     """Add (or replace) `metadata_props` entries of an ONNX file, rewriting it atomically."""
     onnx = require("onnx", "export", "Writing ONNX metadata", ExportDependencyError)
-    from .._io import atomic_write
-
     model = onnx.load(os.fspath(path))
     props = {p.key: p.value for p in model.metadata_props}
     props.update({k: str(v) for k, v in metadata.items()})

@@ -14,9 +14,9 @@ INT8 / fp32 latency ratio in onnxruntime at batch 1 and batch 64 (and torchao's 
     python bench/int8_onnx_table.py runs/a0/s0 runs/a0/s1 runs/a0/s2 --threads 1 --out runs/a0/int8
 
 Re-run it on any other set of pipeline folders (other dataset, deeper net): nothing here is specific to one.
-How the latency ratio depends on the input size (random weights; the values do not change the timing):
+How the latency ratio depends on the input size (one trained run's network, fed larger images):
 
-    python bench/int8_onnx_table.py --latency-sweep repopt_vgg_a0 --sizes 16 28 32 64 --threads 1 --out runs/sweep
+    python bench/int8_onnx_table.py --latency-sweep runs/a0/s0/repopt --sizes 16 28 32 64 --threads 1 --out runs/sweep
 """
 from __future__ import annotations
 
@@ -132,53 +132,62 @@ def paired(rows: list[dict], methods) -> str:
 
 def latency_table(rows: list[dict]) -> str:
     """INT8 / fp32 per batch size over all runs: the deployed networks of all methods have the same shape."""
-    lines = ["| backend | batch | threads | fp32 ms (median of runs) | INT8 ms (median of runs) | INT8 / fp32 median "
-             "| INT8 / fp32 range | runs | load average (min-max) |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| backend | batch | threads | fp32 ms | INT8 ms | INT8 / fp32 (range) | INT8 / fp32 of minima (range) "
+             "| runs | load average |", "|---|---|---|---|---|---|---|---|---|"]
     loads = [r["load_average_before"] for r in rows] + [r["load_average_after"] for r in rows]
     load = f"{min(loads):.1f}-{max(loads):.1f}"
     sel = [r for r in rows if r["granularity"] == "per_channel"]
     batches = sorted({v["batch"] for r in sel for k, v in r["onnxruntime"]["latency"].items()
                       if k.startswith("batch_")})
+
+    def cell(values):
+        return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
     for b in batches:
         lat = [r["onnxruntime"]["latency"][f"batch_{b}"] for r in sel]
-        ratios = [v["int8_over_fp32"] for v in lat]
         lines.append(f"| onnxruntime | {b} | {sel[0]['onnxruntime']['latency']['threads']} | "
                      f"{statistics.median(v['fp32_ms'] for v in lat):.3f} | "
-                     f"{statistics.median(v['int8_ms'] for v in lat):.3f} | {statistics.median(ratios):.2f} | "
-                     f"{min(ratios):.2f}-{max(ratios):.2f} | {len(lat)} | {load} |")
+                     f"{statistics.median(v['int8_ms'] for v in lat):.3f} | "
+                     f"{cell([v['int8_over_fp32'] for v in lat])} | "
+                     f"{cell([v['int8_min_ms'] / v['fp32_min_ms'] for v in lat])} | {len(lat)} | {load} |")
     ao = [r["torchao"] for r in sel]
-    ratios = [a["int8_ms_per_batch"] / a["fp32_ms_per_batch"] for a in ao]
     t = ao[0]["timing"]
     lines.append(f"| torchao (fp32: eager PyTorch) | {t['batch_size']} | {t['threads']} | "
                  f"{statistics.median(a['fp32_ms_per_batch'] for a in ao):.3f} | "
-                 f"{statistics.median(a['int8_ms_per_batch'] for a in ao):.3f} | {statistics.median(ratios):.2f} | "
-                 f"{min(ratios):.2f}-{max(ratios):.2f} | {len(ao)} | {load} |")
+                 f"{statistics.median(a['int8_ms_per_batch'] for a in ao):.3f} | "
+                 f"{cell([a['int8_ms_per_batch'] / a['fp32_ms_per_batch'] for a in ao])} | "
+                 f"{cell([a['timing']['int8_min_ms'] / a['timing']['fp32_min_ms'] for a in ao])} | {len(ao)} | "
+                 f"{load} |")
     return "\n".join(lines)
 
 
-def latency_sweep(arch: str, sizes: list[int], threads: int, repeats: int, out: Path) -> str:
-    """INT8 / fp32 in onnxruntime for one architecture at several input sizes, with random weights and random
-    calibration images: latency depends on shapes, not on the values. Shows where the int8 kernels pay off."""
+def latency_sweep(run: Path, sizes: list[int], threads: int, repeats: int, out: Path) -> str:
+    """INT8 / fp32 in onnxruntime for the deployed network of one trained run at several input sizes (the net is
+    convolutional with global pooling, so it runs at any size). Calibration on random images: latency depends on
+    shapes, not on the ranges; the timed batch is random too. The median and the fastest run are both shown: on a
+    CPU shared with other jobs, a run that lasts longer is descheduled more often, which inflates the medians of slow
+    runs more than those of fast ones."""
     import torch
 
-    from repopt.app.commands.quantize import paired_latency_ms
-    from repopt.models import create
+    from repopt.app.commands.quantize import load_deployed, paired_latency_ms
     from repopt.quant import OnnxModel, OnnxQuantSettings, export_onnx, quantize_onnx
 
-    torch.manual_seed(0)
-    model = create(arch, mode="target", num_classes=10).eval()
-    lines = [f"{arch}, random weights, onnxruntime {threads} thread(s), median of {repeats} alternating runs", "",
-             "| input | batch | fp32 ms | INT8 ms | INT8 / fp32 | load average |", "|---|---|---|---|---|---|"]
+    model, cfg = load_deployed(run)
+    lines = [f"{cfg['arch']} ({cfg['method']}, {run}), onnxruntime {threads} thread(s), median of {repeats} "
+             f"alternating runs", "", "| input | batch | fp32 ms median (min) | INT8 ms median (min) | INT8 / fp32 of "
+             "medians | of minima | load average |", "|---|---|---|---|---|---|---|"]
+    g = torch.Generator().manual_seed(0)
     for size in sizes:
-        fp32_path, int8_path = out / f"sweep-{arch}-{size}.onnx", out / f"sweep-{arch}-{size}.int8.onnx"
-        export_onnx(model, torch.zeros(2, 3, size, size), fp32_path)
-        calib = [torch.randn(64, 3, size, size) for _ in range(4)]
+        fp32_path, int8_path = out / f"sweep-{size}.onnx", out / f"sweep-{size}.int8.onnx"
+        export_onnx(model, torch.zeros(2, 3, size, size), fp32_path, fold=False)
+        calib = [torch.randn(64, 3, size, size, generator=g) for _ in range(4)]
         quantize_onnx(fp32_path, int8_path, calib, OnnxQuantSettings(calib_batches=4))
         f, q = OnnxModel(fp32_path, threads, False), OnnxModel(int8_path, threads, False)
         for b in (1, 64):
             f_ms, q_ms = paired_latency_ms(f.runner(calib[0][:b]), q.runner(calib[0][:b]), None, repeats)
             fm, qm = statistics.median(f_ms), statistics.median(q_ms)
-            lines.append(f"| {size}x{size} | {b} | {fm:.3f} | {qm:.3f} | {qm / fm:.2f} | {os.getloadavg()[0]:.1f} |")
+            lines.append(f"| {size}x{size} | {b} | {fm:.3f} ({min(f_ms):.3f}) | {qm:.3f} ({min(q_ms):.3f}) | "
+                         f"{qm / fm:.2f} | {min(q_ms) / min(f_ms):.2f} | {os.getloadavg()[0]:.1f} |")
     return "\n".join(lines)
 
 
@@ -205,8 +214,8 @@ def main(argv=None) -> None:
     p.add_argument("--repeats", type=int, default=30)
     p.add_argument("--out", type=Path, required=True, help="folder for the INT8 files and the raw JSON")
     p.add_argument("--tables-only", action="store_true", help="print the tables from OUT/int8-onnx-table.json")
-    p.add_argument("--latency-sweep", metavar="ARCH", default=None,
-                   help="instead: time ARCH (random weights) at the --sizes given, fp32 vs INT8 in onnxruntime")
+    p.add_argument("--latency-sweep", metavar="RUN", type=Path, default=None,
+                   help="instead: time the deployed network of RUN at the --sizes given, fp32 vs INT8 in onnxruntime")
     p.add_argument("--sizes", nargs="+", type=int, default=[16, 32, 64])
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)

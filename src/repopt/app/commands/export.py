@@ -155,6 +155,7 @@ def _run_int8(args) -> int:
     for key in sorted((k for k in lat if k.startswith("batch_")), key=lambda k: lat[k]["batch"]):
         b = lat[key]
         print(f"    batch {b['batch']:>3}: fp32 {b['fp32_ms']:8.3f} ms   INT8 {b['int8_ms']:8.3f} ms   "
-              f"INT8 / fp32 {b['int8_over_fp32']:.2f}")
+              f"INT8 / fp32 {b['int8_over_fp32']:.2f}   (fastest runs: {b['fp32_min_ms']:.3f} / "
+              f"{b['int8_min_ms']:.3f} ms, ratio {b['int8_over_fp32_of_minima']:.2f})")
     print(f"  settings: {settings_path(args.output)}")
     return 0

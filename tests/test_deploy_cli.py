@@ -20,16 +20,11 @@ pytestmark = pytest.mark.skipif(not HAS_ONNX, reason="INT8 ONNX needs the `expor
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread loses little, and a shared CPU makes two wait for each other
+def run(tmp_path_factory, one_thread):
     out = tmp_path_factory.mktemp("deploy") / "plain"
     train(TrainConfig(method="plain", arch="repopt_vgg_tiny", dataset="digits", image_size=16, epochs=1,
                       batch_size=128, quiet=True, out=str(out)))
-    yield out
-    torch.set_num_threads(threads)
+    return out
 
 
 def cli(capsys, *argv) -> tuple[int, str, str]:
@@ -167,3 +162,5 @@ def test_quantize_save_and_eval_program(run, tmp_path, capsys):
     assert out["top1"] == pytest.approx(q["int8_top1"], abs=0.3)  # reloaded and lowered again: same int8 model
     code, _, err = cli(capsys, "quantize", run, "--save", tmp_path / "q.onnx")
     assert code == 2 and "must end in .pt2" in err
+    code, _, err = cli(capsys, "quantize", run, "--save", tmp_path / "no" / "q.pt2")
+    assert code == 2 and "cannot be written" in err and err.count("\n") == 1

@@ -130,7 +130,7 @@ def test_export_check(runs, tmp_path, capsys):
 
 
 def test_export_refusals(runs, tmp_path, capsys, monkeypatch):
-    assert "does not exist" in cli_error(capsys, "export", runs["repopt"], "-o", tmp_path / "no" / "m.onnx")
+    assert "cannot be written" in cli_error(capsys, "export", runs["repopt"], "-o", tmp_path / "no" / "m.onnx")
     assert "no such checkpoint" in cli_error(capsys, "export", tmp_path / "x", "-o", tmp_path / "m.onnx")
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
     err = cli_error(capsys, "export", runs["repopt"], "-o", tmp_path / "m.onnx", "--check")

@@ -7,13 +7,12 @@ import contextlib
 import hashlib
 import json
 import os
-import shutil
 import statistics
 import tempfile
 from pathlib import Path
 from types import SimpleNamespace
 
-from .._io import atomic_write, write_json
+from .._io import copy_file, write_json
 from .checkpoint import MODEL, CheckpointError
 
 SUFFIXES = (".onnx", ".pt2")
@@ -120,7 +119,7 @@ def export_int8(run, output, *, settings, dataset=None, data_dir=None, batch_siz
                "latency": latency,
                "command": _command(run, output, s, dataset, data_dir, batch_size, threads, repeats, opset),
                "versions": {"torch": torch.__version__, **{k: report.get(k) for k in ("onnxruntime", "onnx")}}}
-        atomic_write(output, lambda t: shutil.copyfile(int8_path, t))
+        copy_file(int8_path, output)
     write_json(settings_path(output), out)
     return out
 
@@ -184,16 +183,17 @@ def evaluate_file(path, dataset=None, data_dir=None, batch_size: int = 256, thre
     """Top-1 and loss of a saved .onnx / .pt2 classifier on a test set, the same way `repopt eval RUN` measures a
     run: the training dataset by default, served at the file's input size, normalized with its training statistics."""
     from .cli import UserError
-    from ..data import load_dataset
+    from ..data import load_dataset, serving_options
     from .train import evaluate
 
     model, cfg, desc = load_deployed_file(path, threads)
     name = dataset or cfg["dataset"]
     folder = data_dir if dataset else cfg.get("data_dir")
-    ds = load_dataset(name, folder, desc["input_size"] or cfg.get("image_size"))
+    options = serving_options(cfg.get("data_options")) if name == cfg["dataset"] else {}
+    ds = load_dataset(name, folder, desc["input_size"] or cfg.get("image_size"), **options)
     if ds.num_classes != cfg["num_classes"]:
         raise UserError(f"{path} has {cfg['num_classes']} classes but {name} has {ds.num_classes}")
-    top1, loss = evaluate(model, ds.test_batches(batch_size))
+    top1, loss = evaluate(model, ds.test_batches(batch_size), device="cpu")  # a session or graph: no parameters to ask
     return {"checkpoint": os.fspath(path), "method": cfg["method"], "arch": cfg["arch"], "dataset": name,
             "top1": top1, "loss": loss, "deployed": True, **desc}
 

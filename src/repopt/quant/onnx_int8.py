@@ -12,7 +12,6 @@ import dataclasses
 import importlib.metadata
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from typing import Iterable
 import torch
 from torch import Tensor
 
-from .._io import atomic_write
+from .._io import atomic_write, copy_file
 from ._extras import quiet, require
 from .export import ExportDependencyError
 from .ptq import cpu_has_vnni
@@ -171,7 +170,7 @@ def quantize_onnx(fp32_path: str | os.PathLike, out_path: str | os.PathLike, cal
                               per_channel=s.per_channel, reduce_range=s.reduce_range, activation_type=act,
                               weight_type=q.QuantType.QInt8, calibrate_method=method)
         ops = op_counts(int8)
-        atomic_write(out_path, lambda t: shutil.copyfile(int8, t))
+        copy_file(int8, out_path)
     return {**s.to_dict(), "images_seen": seen[0], "ops": ops}
 
 

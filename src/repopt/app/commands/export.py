@@ -55,26 +55,21 @@ def add_arguments(p) -> None:
 def _check_int8_args(args) -> None:
     from ..cli import UserError
 
-    for flag, value, low in (("--calib-batches", args.calib_batches, 1), ("--batch-size", args.batch_size, 1),
-                             ("--repeats", args.repeats, 1), ("--threads", args.threads, 0)):
-        if value < low:
-            raise UserError(f"{flag} must be at least {low}, got {value}")
+    from ..cli import at_least_one
+
+    for flag, value in (("--calib-batches", args.calib_batches), ("--batch-size", args.batch_size),
+                        ("--repeats", args.repeats)):
+        at_least_one(value, flag)
+    if args.threads < 0:
+        raise UserError(f"--threads must be 0 (onnxruntime's default) or more, got {args.threads}")
     if args.check:
         raise UserError("--check compares an fp32 file with PyTorch; --int8 checks itself on the test set instead")
 
 
-def _folder_must_exist(output) -> None:
-    from pathlib import Path
-
-    from ..cli import UserError
-
-    folder = Path(output).resolve().parent
-    if not folder.is_dir():
-        raise UserError(f"cannot write {output}: the folder {folder} does not exist")
-
-
 def run(args) -> int:
-    _folder_must_exist(args.output)
+    from ..._io import check_writable
+
+    check_writable(args.output)  # before minutes of work: a missing folder fails now, not at the end
     if args.int8:
         return _run_int8(args)
     import os

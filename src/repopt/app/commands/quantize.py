@@ -161,8 +161,9 @@ def _check(args) -> None:
 
         if Path(args.save).suffix != ".pt2":
             raise UserError(f"--save {args.save}: the file name must end in .pt2 (a torch.export archive)")
-        if not Path(args.save).resolve().parent.is_dir():
-            raise UserError(f"cannot write {args.save}: the folder {Path(args.save).resolve().parent} does not exist")
+        from ..._io import check_writable
+
+        check_writable(args.save)
 
 
 def run(args) -> int:

@@ -2,8 +2,10 @@
 INT8 column, on one tiny trained run (one epoch on the embedded digits)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
+import io
 import json
 import shutil
 import sys
@@ -40,11 +42,19 @@ def cli_json(capsys, *argv) -> dict:
 
 
 @pytest.fixture(scope="module")
-def int8_file(run, tmp_path_factory):
+def int8_export(run, tmp_path_factory):
+    """(the INT8 file, what the command printed): one export shared by the tests below (each takes seconds)."""
     path = tmp_path_factory.mktemp("int8") / "model.int8.onnx"
-    assert main(["export", str(run), "--int8", "-o", str(path), "--calib-batches", "2", "--repeats", "2",
-                 "--per-tensor"]) == 0
-    return path
+    text = io.StringIO()
+    with contextlib.redirect_stdout(text):
+        assert main(["export", str(run), "--int8", "-o", str(path), "--calib-batches", "2", "--repeats", "2",
+                     "--per-tensor", "--batch-size", "32"]) == 0
+    return path, text.getvalue()
+
+
+@pytest.fixture(scope="module")
+def int8_file(int8_export):
+    return int8_export[0]
 
 
 def test_export_int8_writes_a_checked_file(int8_file, run):
@@ -55,14 +65,14 @@ def test_export_int8_writes_a_checked_file(int8_file, run):
     assert info["sha256"] == hashlib.sha256(int8_file.read_bytes()).hexdigest()
     s = info["settings"]
     assert s["per_channel"] is False and s["calib_batches"] == 2 and s["quant_format"] == "QDQ"
-    assert info["calibration"]["images"] == 128 and info["calibration"]["dataset"] == "digits"
+    assert info["calibration"]["images"] == 64 and info["calibration"]["dataset"] == "digits"
     t = info["test"]
     assert t["images"] == 360 and t["backend"] == "onnxruntime"
     assert t["int8_agreement"] > 90 and t["int8_logit_sqnr_db"] > 10  # a small perturbation of fp32, not noise
     assert abs(t["int8_top1"] - t["fp32_top1"]) < 5
     lat = info["latency"]
-    assert {lat["batch_1"]["batch"], lat["batch_64"]["batch"]} == {1, 64} and lat["threads"] == 1
-    assert lat["batch_64"]["int8_over_fp32"] > 0 and "--per-tensor" in info["command"]
+    assert {lat["batch_1"]["batch"], lat["batch_32"]["batch"]} == {1, 32} and lat["threads"] == 1
+    assert lat["batch_32"]["int8_over_fp32"] > 0 and "--per-tensor" in info["command"]
     model = onnx.load(str(int8_file))
     meta = {p.key: p.value for p in model.metadata_props}
     assert meta["repopt.format"] == "repopt-classifier" and meta["repopt.precision"] == "int8"
@@ -72,11 +82,9 @@ def test_export_int8_writes_a_checked_file(int8_file, run):
     assert {"QuantizeLinear", "DequantizeLinear", "Conv"} <= ops and "BatchNormalization" not in ops
 
 
-def test_export_int8_text(run, tmp_path, capsys):
-    code, out, err = cli(capsys, "export", run, "--int8", "-o", tmp_path / "m.onnx", "--calib-batches", 1,
-                         "--repeats", 1, "--batch-size", 32)
-    assert code == 0, err
-    assert "per-channel int8 weights" in out and "minmax ranges from 32 digits training images" in out
+def test_export_int8_text(int8_export):
+    out = int8_export[1]
+    assert "per-tensor int8 weights" in out and "minmax ranges from 64 digits training images" in out
     assert "INT8 top-1" in out and "batch   1:" in out and "batch  32:" in out and "1 thread" in out
 
 

@@ -65,20 +65,44 @@ OPTIMIZERS = {
                     {"repopt_kwargs": {"native": False}, "path": "eager"}),
     "lion eager": (RepOptLion, RepOptLion, dict(lr=2e-4, weight_decay=0.1),
                    {"repopt_kwargs": {"native": False}, "path": "eager"}),
+    # the multi-tensor Triton kernels (the default for CUDA weights; on CPU tensors under TRITON_INTERPRET=1)
+    "sgd triton": (torch.optim.SGD, RepOptSGD, dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-3),
+                   {"repopt_kwargs": {"triton": True}, "path": "triton"}),
+    "sgd triton dampening": (torch.optim.SGD, RepOptSGD, dict(lr=0.05, momentum=0.8, dampening=0.1,
+                                                              weight_decay=1e-3),
+                             {"repopt_kwargs": {"triton": True}, "path": "triton"}),
+    "adamw triton amsgrad": (torch.optim.AdamW, RepOptAdamW, dict(lr=2e-3, weight_decay=0.05, amsgrad=True),
+                             {"repopt_kwargs": {"triton": True}, "path": "triton"}),
+    "lion triton": (RepOptLion, RepOptLion, dict(lr=2e-4, weight_decay=0.1),
+                    {"repopt_kwargs": {"triton": True}, "path": "triton"}),
 }
 
 
-def expected_path(optimizer: str) -> str:
+def expected_path(optimizer: str, device="cpu") -> str:
     """The path of the target weights that case `optimizer` claims to prove: named in its settings, else the
-    optimizer's default here (the native kernel where it builds, else RepOptSGD's blocks or the others' eager path)."""
-    from .optim import native
+    optimizer's default on `device` (CPU: the native kernel where it builds; CUDA: Triton where it imports; else
+    RepOptSGD's blocks or the others' eager path)."""
+    from .optim import native, triton_kernels
 
     _, repopt_cls, _, extras = OPTIMIZERS[optimizer]
+    device = torch.device(device)
     if "path" in extras:
         return extras["path"]
-    if native.available():
+    if device.type == "cpu" and native.available():
         return "native"
+    if device.type == "cuda" and triton_kernels.usable(device) is None:
+        return "triton"
     return "blocks" if repopt_cls is RepOptSGD else "eager"
+
+
+def unavailable(optimizer: str, device="cpu") -> str | None:
+    """Why case `optimizer` cannot run on `device` here (None: it can): the Triton cases need triton (and, on CPU
+    tensors, its interpreter)."""
+    from .optim import triton_kernels
+
+    if OPTIMIZERS[optimizer][3].get("path") == "triton":
+        return triton_kernels.usable(torch.device(device))
+    return None
 
 
 @dataclass
@@ -154,13 +178,14 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
-def run_proof(optimizer: str, branch_set: str, steps: int = 200, seed: int = 0) -> ProofResult:
+def run_proof(optimizer: str, branch_set: str, steps: int = 200, seed: int = 0, device="cpu") -> ProofResult:
     stock_cls, repopt_cls, kwargs, extras = OPTIMIZERS[optimizer]
     csla, target, scales = build_pair(branch_set, seed)
+    csla, target = csla.to(device), target.to(device)
     cout, cin = csla[0].geometry.out_channels, csla[0].geometry.in_channels
     gen = torch.Generator().manual_seed(seed + 1)
-    head = torch.randn(1, cout, 1, 1, generator=gen, dtype=torch.float64)
-    batches = _batches(cin, 8, gen)
+    head = torch.randn(1, cout, 1, 1, generator=gen, dtype=torch.float64).to(device)
+    batches = [(x.to(device), y.to(device)) for x, y in _batches(cin, 8, gen)]
 
     stock = stock_cls(csla.parameters(), **kwargs)
     rep = repopt_cls.from_scales(target, scales, reinit=False, params=list(target.parameters()), **kwargs,
@@ -183,7 +208,8 @@ def run_proof(optimizer: str, branch_set: str, steps: int = 200, seed: int = 0) 
             s.step()
         with torch.no_grad():
             errors.append(rel_err(target[0].weight, csla[0].equivalent_kernel()))
-    return ProofResult(optimizer, branch_set, steps, max(errors), errors, sorted(paths), expected_path(optimizer))
+    return ProofResult(optimizer, branch_set, steps, max(errors), errors, sorted(paths),
+                       expected_path(optimizer, device))
 
 
 def run_all(steps: int = 200, seed: int = 0, progress: bool = False) -> list[ProofResult]:

@@ -18,6 +18,7 @@ from torch import Tensor
 from torch.optim.adamw import adamw
 
 from . import native as native_kernel
+from . import triton_kernels
 from .base import RepOptMixin
 
 
@@ -33,9 +34,11 @@ class RepOptAdamW(RepOptMixin, torch.optim.AdamW):
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, capturable: bool = False, differentiable: bool = False,
                  fused: bool | None = None, grad_mults: Mapping[Tensor, Any] | None = None,
-                 native: bool | None = None):
+                 native: bool | None = None, triton: bool | None = None):
         """native: update float32/float64 CPU target weights with the native kernel (repopt/optim/native.py). None
-        (default): where it builds on this machine; True: refuse to run without it; False: never."""
+        (default): where it builds on this machine; True: refuse to run without it; False: never.
+        triton: update CUDA target weights with one multi-tensor Triton launch per step (triton_kernels.py). None
+        (default): where triton imports; True: require it; False: never."""
         if differentiable:
             raise ValueError("RepOptAdamW does not support differentiable=True: its target-conv update is not written "
                              "for autograd (RepOptSGD supports it)")
@@ -43,16 +46,18 @@ class RepOptAdamW(RepOptMixin, torch.optim.AdamW):
             raise ValueError("RepOptAdamW does not support capturable=True: its target-conv step reads the step count "
                              "on the host, which CUDA graph capture forbids")
         self._init_native(native)
+        self._init_triton(triton)
         self._init_multipliers(grad_mults)
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                          maximize=maximize, foreach=foreach, capturable=capturable, differentiable=differentiable,
                          fused=fused)
         self._check_all_bound()
 
-    def _state_of(self, p: Tensor, group) -> dict:
+    def _state_of(self, p: Tensor, group, target: bool) -> dict:
         state = self.state[p]
         if len(state) == 0:
-            on_device = group["capturable"] or group["fused"]
+            # torch's fused path keeps the step count on the device; a target conv's step reads it on the host
+            on_device = (group["capturable"] or group["fused"]) and not target
             state["step"] = (torch.zeros((), dtype=torch.float32, device=p.device) if on_device
                              else torch.tensor(0.0, dtype=torch.float32))
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -68,19 +73,26 @@ class RepOptAdamW(RepOptMixin, torch.optim.AdamW):
         grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
         for gi, group in enumerate(self.param_groups):
             plain = ([], [], [], [], [], [])
-            use_native, fast = self._native_allowed(group), []
+            use_native, fast, tri = self._native_allowed(group), [], []
+            use_triton: dict[torch.device, bool] = {}
             for p, bs in zip(group["params"], self._multipliers[gi]):
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("RepOptAdamW does not support sparse gradients")
-                state = self._state_of(p, group)
+                state = self._state_of(p, group, target=bs is not None)
                 if bs is None:
                     for lst, item in zip(plain, (p, p.grad, state["exp_avg"], state["exp_avg_sq"],
                                                  state.get("max_exp_avg_sq"), state["step"])):
                         if item is not None:
                             lst.append(item)
-                else:
+                else:  # the one place that picks a target weight's path: Triton (GPU), native (CPU), eager
+                    moments = (state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"))
+                    if p.device not in use_triton:
+                        use_triton[p.device] = self._triton_device(group, p.device)
+                    if use_triton[p.device] and triton_kernels.takes(p, bs, p.grad, *moments):
+                        tri.append((p, bs, p.grad, *moments, state))
+                        continue
                     job = self._native_job(p, bs, _prepare) if use_native else None
                     if job is not None and native_kernel.takes(p, p.grad, state["exp_avg"], state["exp_avg_sq"],
                                                                state.get("max_exp_avg_sq")):
@@ -91,6 +103,9 @@ class RepOptAdamW(RepOptMixin, torch.optim.AdamW):
             if fast:
                 self._step_native(group, fast)
                 self._took("native", len(fast))
+            if tri:
+                self._step_triton(group, tri, grad_scale, found_inf)
+                self._took("triton", len(tri))
             if plain[0]:
                 beta1, beta2 = group["betas"]
                 adamw(*plain, foreach=group["foreach"], capturable=group["capturable"],
@@ -98,6 +113,19 @@ class RepOptAdamW(RepOptMixin, torch.optim.AdamW):
                       found_inf=found_inf, amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
                       weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
         return loss
+
+    @staticmethod
+    def _step_triton(group, tri: list, grad_scale, found_inf) -> None:
+        """The target weights of a group in one Triton launch per dtype and step count. Under GradScaler found_inf is
+        read on the host (one sync per step): a skipped step must not count."""
+        if found_inf is not None and bool(found_inf.item()):
+            return
+        calls: dict[float, list] = {}
+        for *item, state in tri:
+            state["step"] += 1
+            calls.setdefault(float(state["step"]), []).append(tuple(item))
+        for step, items in calls.items():
+            triton_kernels.adamw_step(items, group, step, grad_scale)
 
     @staticmethod
     def _step_native(group, fast: list) -> None:

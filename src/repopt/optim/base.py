@@ -89,6 +89,31 @@ class RepOptMixin:
         self.native = native
         self._native_jobs: dict[Tensor, tuple] = {}  # per weight: (dtype, strides, device), its prepared job
 
+    # ---- the Triton kernels (triton_kernels.py) for GPU weights --------------------------------------------------------
+    def _init_triton(self, triton: bool | None) -> None:
+        """triton: None (default) uses the multi-tensor Triton kernels for CUDA weights where triton imports, True
+        requires them (on CPU tensors: only under TRITON_INTERPRET=1, for tests), False never."""
+        if triton is True:
+            from . import triton_kernels
+
+            if triton_kernels._load() is None:
+                raise RuntimeError(f"{type(self).__name__}(triton=True): triton cannot be imported "
+                                   f"({triton_kernels.error()}); pip install 'repopt[triton]'")
+        self.triton = triton
+
+    def _triton_device(self, group, device: torch.device) -> bool:
+        """May this step update `group`'s target weights on `device` with the Triton kernels?"""
+        if self.triton is False or group.get("differentiable", False) or torch.compiler.is_compiling():
+            return False
+        if self.triton is None and device.type != "cuda":
+            return False
+        from . import triton_kernels
+
+        why = triton_kernels.usable(device)
+        if why is not None and self.triton:
+            raise RuntimeError(f"{type(self).__name__}(triton=True): {why}")
+        return why is None
+
     def _unscale_pending(self) -> bool:
         """Has GradScaler handed this (fused) optimizer a scale to divide by and an inf flag to honour this step?"""
         return getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor
 
 from . import native as native_kernel
+from . import triton_kernels
 from .base import RepOptMixin
 
 
@@ -24,9 +25,12 @@ class RepOptLion(RepOptMixin, torch.optim.Optimizer):
     _default_weight_decay = 0.0
 
     def __init__(self, params, lr: float | Tensor = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0, *,
-                 maximize: bool = False, grad_mults: Mapping[Tensor, Any] | None = None, native: bool | None = None):
+                 maximize: bool = False, grad_mults: Mapping[Tensor, Any] | None = None, native: bool | None = None,
+                 triton: bool | None = None):
         """native: update float32/float64 CPU target weights with the native kernel (repopt/optim/native.py). None
-        (default): where it builds on this machine; True: refuse to run without it; False: never."""
+        (default): where it builds on this machine; True: refuse to run without it; False: never.
+        triton: update CUDA target weights with one multi-tensor Triton launch per step (triton_kernels.py). None
+        (default): where triton imports; True: require it; False: never."""
         if lr < 0.0:
             raise ValueError(f"Invalid learning rate: {lr}")
         if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
@@ -34,6 +38,7 @@ class RepOptLion(RepOptMixin, torch.optim.Optimizer):
         if weight_decay < 0.0:
             raise ValueError(f"Invalid weight_decay value: {weight_decay}")
         self._init_native(native)
+        self._init_triton(triton)
         self._init_multipliers(grad_mults)
         super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize,
                                       differentiable=False))
@@ -46,7 +51,8 @@ class RepOptLion(RepOptMixin, torch.optim.Optimizer):
         for gi, group in enumerate(self.param_groups):
             beta1, beta2 = group["betas"]
             lr, wd = group["lr"], group["weight_decay"]
-            use_native, fast = self._native_allowed(group), {}
+            use_native, fast, tri = self._native_allowed(group), {}, []
+            use_triton: dict[torch.device, bool] = {}
             for p, mult in zip(group["params"], self._multipliers[gi]):
                 if p.grad is None:
                     continue
@@ -54,6 +60,12 @@ class RepOptLion(RepOptMixin, torch.optim.Optimizer):
                 if len(state) == 0:
                     state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 exp_avg = state["exp_avg"]
+                # the one place that picks a target weight's path: Triton (GPU), native (CPU), eager
+                if mult is not None and p.device not in use_triton:
+                    use_triton[p.device] = self._triton_device(group, p.device)
+                if mult is not None and use_triton[p.device] and triton_kernels.takes(p, mult, p.grad, exp_avg):
+                    tri.append((p, mult, p.grad, exp_avg))
+                    continue
                 job = self._native_job(p, mult, _prepare) if use_native and mult is not None else None
                 if job is not None and native_kernel.takes(p, p.grad, exp_avg):
                     jobs, tensors = fast.setdefault(p.dtype, ([], []))
@@ -71,6 +83,9 @@ class RepOptLion(RepOptMixin, torch.optim.Optimizer):
                     self._took("eager")
                 p.add_(update, alpha=-lr)
                 exp_avg.mul_(beta2).add_(grad, alpha=1 - beta2)
+            if tri:
+                triton_kernels.lion_step(tri, group)
+                self._took("triton", len(tri))
             for dtype, (jobs, tensors) in fast.items():
                 self._took("native", len(jobs))
                 native_kernel.adaptive_step(jobs, native_kernel.LION, dtype, tensors, lr=float(lr),

@@ -133,10 +133,16 @@ def _layout(t: Tensor) -> str | None:
 
 
 def _geometry_fields(p: Tensor, mult) -> tuple[int, int, int, int, int, int] | None:
-    """(rows, row_len, taps, diag_group, diag_centre, channels_last) of a weight the kernels take, else None: dense
-    float32/float64 CPU weights with branch scales, contiguous or channels_last."""
-    if not (isinstance(mult, BranchSet) and type(p) in _PLAIN and p.device.type == "cpu"
-            and p.dtype in (torch.float32, torch.float64) and p.ndim == 4 and p.shape[2] * p.shape[3] <= MAX_TAPS
+    """`layout_fields` of a weight the C kernels take (float32/float64 CPU weights), else None."""
+    if p.device.type != "cpu" or p.dtype not in (torch.float32, torch.float64):
+        return None
+    return layout_fields(p, mult)
+
+
+def layout_fields(p: Tensor, mult) -> tuple[int, int, int, int, int, int] | None:
+    """(rows, row_len, taps, diag_group, diag_centre, channels_last) of a dense 4-d weight with branch scales,
+    contiguous or channels_last, of up to MAX_TAPS taps, as the C and Triton kernels see it; else None."""
+    if not (isinstance(mult, BranchSet) and type(p) in _PLAIN and p.ndim == 4 and p.shape[2] * p.shape[3] <= MAX_TAPS
             and p.numel() > 0):
         return None
     layout = _layout(p)

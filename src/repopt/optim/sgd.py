@@ -4,15 +4,17 @@ Weight decay, momentum, dampening, nesterov and maximize then act exactly as in 
 `p.grad` is never modified. Parameters without a multiplier go through torch's functional `sgd` (torch's
 single-tensor, foreach and fused paths and the fused AMP path). Target weights take the first path that applies:
 
-1. `compiled=True` (opt-in): one torch.compile'd kernel per weight (compiled.py), for devices without path 2.
-2. The native CPU kernel (the default for float32/float64 CPU weights where a C compiler exists, native.py): the
+1. `compiled=True` (opt-in): one torch.compile'd kernel per weight (compiled.py), for devices without paths 2-3.
+2. Triton (the default for CUDA weights where triton imports, triton_kernels.py): one multi-tensor launch per step
+   over every target weight, M from the per-channel tables, GradScaler's scale and inf flag applied in the kernel.
+3. The native CPU kernel (the default for float32/float64 CPU weights where a C compiler exists, native.py): the
    multiply inside the update, one pass over p, G and the buffer, like torch's fused SGD; all weights in one call.
-3. Eager blocks: a target weight is cut into blocks of output channels; M * G of a block is written into a scratch
+4. Eager blocks: a target weight is cut into blocks of output channels; M * G of a block is written into a scratch
    buffer of `scratch_bytes` (allocated per step), and once the scratch is full, torch's `sgd` updates the matching
    blocks of the parameters and momentum buffers (views) while the multiplied gradient is still in cache. Nothing
    full-size is written; on a weight's first step torch creates the momentum buffers of the blocks, and they are
    copied into one full-size buffer.
-4. Whole tensors (M * G as a temporary), for layouts that cannot be cut in row blocks, and for `differentiable=True`
+5. Whole tensors (M * G as a temporary), for layouts that cannot be cut in row blocks, and for `differentiable=True`
    (then in ops autograd follows, with grad enabled during the step as in torch.optim.SGD).
 Every path is proven against the explicit multi-branch block (repopt/proofs.py).
 """
@@ -28,6 +30,7 @@ from torch.optim.sgd import sgd
 
 from ..branches import BranchSet
 from . import native as native_kernel
+from . import triton_kernels
 from .base import RepOptMixin
 from .compiled import step_compiled
 
@@ -51,7 +54,7 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
                  weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
                  foreach: bool | None = None, differentiable: bool = False, fused: bool | None = None,
                  grad_mults: Mapping[Tensor, Any] | None = None, scratch_bytes: int = DEFAULT_SCRATCH_BYTES,
-                 compiled: bool = False, native: bool | None = None):
+                 compiled: bool = False, native: bool | None = None, triton: bool | None = None):
         """native: update float32/float64 CPU target weights with the C kernel (multiply and SGD in one pass; see
             repopt/optim/native.py). None (default): when it builds on this machine; True: refuse to run without it;
             False: never.
@@ -59,11 +62,14 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
             tensors).
         compiled: update each target weight with one torch.compile'd kernel instead (multiply and SGD in one pass;
             see repopt/optim/compiled.py): for devices without the native kernel; the first steps compile.
+        triton: update CUDA target weights with one multi-tensor Triton launch per step (triton_kernels.py; also
+            under GradScaler). None (default): where triton imports; True: require it; False: never.
         """
         if scratch_bytes < 0:
             raise ValueError(f"scratch_bytes must be >= 0, got {scratch_bytes}")
         self.scratch_bytes, self.compiled = int(scratch_bytes), bool(compiled)
         self._init_native(native)
+        self._init_triton(triton)
         self._init_multipliers(grad_mults)
         super().__init__(params, lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                          nesterov=nesterov, maximize=maximize, foreach=foreach, differentiable=differentiable,
@@ -107,10 +113,11 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
             return loss
         for gi, group in enumerate(self.param_groups):
             momentum = group["momentum"] != 0
-            params, grads, buffers, blocked, compiled, native = [], [], [], [], [], []
+            params, grads, buffers, blocked, compiled, native, tri = [], [], [], [], [], [], []
             whole = 0
             has_sparse = False
             use_native = self._native_allowed(group)
+            use_triton: dict[torch.device, bool] = {}
             for p, mult in zip(group["params"], self._multipliers[gi]):
                 if p.grad is None:
                     continue
@@ -120,8 +127,15 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
                     if grad.is_sparse:
                         raise RuntimeError(f"{mult.name}: RepOptSGD does not support sparse gradients on a "
                                            f"parameter with a multiplier")
+                    # the one place that picks a target weight's path: compiled (opt-in), Triton (GPU), native (CPU),
+                    # blocks, whole tensors
                     if self._compilable(group, p, mult, buf):
                         compiled.append((p, mult, buf))
+                        continue
+                    if p.device not in use_triton:
+                        use_triton[p.device] = self._triton_device(group, p.device)
+                    if use_triton[p.device] and triton_kernels.takes(p, mult, grad, buf):
+                        tri.append((p, mult, grad, buf))
                         continue
                     prepared = self._native_job(p, mult, native_kernel.prepare) if use_native else None
                     if prepared is not None and native_kernel.takes(p, grad, buf):
@@ -146,6 +160,12 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
             if native:
                 self._step_native(group, native)
                 self._took("native", len(native))
+            if tri:
+                items = [(p, mult, grad, self._new_buffer(p) if momentum and buf is None else buf,
+                          momentum and buf is None) for p, mult, grad, buf in tri]
+                triton_kernels.sgd_step(items, group, getattr(self, "grad_scale", None),
+                                        getattr(self, "found_inf", None))
+                self._took("triton", len(tri))
             lr = group["lr"]
             if compiled and not isinstance(lr, Tensor):
                 lr = torch.tensor(lr, dtype=compiled[0][0].dtype, device=compiled[0][0].device)

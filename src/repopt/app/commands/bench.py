@@ -13,6 +13,8 @@ EXAMPLES = """examples:
   repopt bench --json          # {"optimizer_step_ratio": ..., ..., "details": {...}}
   repopt bench --repeats 25    # more rounds for the optimizer step (the default is 15)
   repopt bench --save b.json   # the table on stdout, the JSON in b.json
+  repopt bench --device-check --device cuda   # the GPU check of bench/device_check.sh (one JSON, ~8 min on an H200)
+  repopt bench --device-check --quick         # the same steps on CPU at toy sizes
 """
 
 
@@ -26,6 +28,10 @@ def add_arguments(p) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--save", metavar="FILE", default=None, help="also write the JSON result to FILE")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--device-check", action="store_true",
+                   help="instead of the suite: proofs on the device, optimizer step vs torch's fused SGD/AdamW, "
+                        "images/s, peak memory and max batch of RepOpt-VGG vs RepVGG (A0, B1 at 224; AMP, "
+                        "channels_last), AMP overflow on the first step; JSON (repopt/app/bench/device_check.py)")
 
 
 def run(args) -> int:
@@ -44,6 +50,16 @@ def run(args) -> int:
     if at_least_one(args.threads, "--threads") is not None:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
+    if args.device_check:
+        from ..bench.device_check import device_check
+
+        if args.save:
+            check_writable(args.save)
+        result = device_check(device, toy=args.quick)
+        if args.save:
+            write_json(args.save, result)
+        print(json.dumps(result, indent=2, default=str))
+        return 0 if result["ok"] else 1
     if args.save:
         check_writable(args.save)  # now, not after minutes of measuring
     show = not args.quiet and not args.json and sys.stderr.isatty()

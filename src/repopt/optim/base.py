@@ -89,7 +89,7 @@ class RepOptMixin:
         self.native = native
         self._native_jobs: dict[Tensor, tuple] = {}  # per weight: (dtype, strides, device), its prepared job
 
-    # ---- the Triton kernels (triton_kernels.py) for GPU weights --------------------------------------------------------
+    # ---- the Triton kernels (triton_kernels.py) for GPU weights -----------------------------------------------------
     def _init_triton(self, triton: bool | None) -> None:
         """triton: None (default) uses the multi-tensor Triton kernels for CUDA weights where triton imports, True
         requires them (on CPU tensors: only under TRITON_INTERPRET=1, for tests), False never."""

@@ -1,4 +1,4 @@
-"""The @triton.jit kernels behind triton_kernels.py (this module imports triton: only triton_kernels imports it, lazily).
+"""The @triton.jit kernels behind triton_kernels.py (this module imports triton; triton_kernels imports it lazily).
 
 Every kernel runs one program per block of BLOCK elements of one weight; `which`/`start` name the weight and the first
 element of each block, `meta` holds each weight's pointers and geometry (triton_kernels._META). Scalars come in a
@@ -136,26 +136,21 @@ def adamw_kernel(meta_ptr, which_ptr, start_ptr, scale_ptr, hyper_ptr, NMETA: tl
 def lion_kernel(meta_ptr, which_ptr, start_ptr, hyper_ptr, NMETA: tl.constexpr, BLOCK: tl.constexpr,
                 HAS_WD: tl.constexpr, MAXIMIZE: tl.constexpr, DT: tl.constexpr, CT: tl.constexpr):
     base, offs, mask, tap, diag = _where(meta_ptr, which_ptr, start_ptr, NMETA, BLOCK)
-    decay = tl.load(hyper_ptr)
-    neg_lr = tl.load(hyper_ptr + 1)
-    beta1 = tl.load(hyper_ptr + 2)
-    keep1 = tl.load(hyper_ptr + 3)
-    beta2 = tl.load(hyper_ptr + 4)
-    keep2 = tl.load(hyper_ptr + 5)
+    # hyper: [1 - lr wd, -lr, beta1, 1 - beta1, beta2, 1 - beta2]
     p_ptr, m_ptr = _ptr(base, 0, DT), _ptr(base, 2, DT)
     p = tl.load(p_ptr + offs, mask=mask, other=0).to(CT)
     if HAS_WD:
-        p = p * decay
+        p = p * tl.load(hyper_ptr)
     g = tl.load(_ptr(base, 1, DT) + offs, mask=mask, other=0).to(CT)
     if MAXIMIZE:
         g = -g
     m = tl.load(m_ptr + offs, mask=mask, other=0).to(CT)
-    c = tl.fma(g, keep1, m * beta1)
+    c = tl.fma(g, tl.load(hyper_ptr + 3), m * tl.load(hyper_ptr + 2))
     sign = tl.where(c > 0, 1, tl.where(c < 0, -1, c))  # torch.sign: 0 stays 0, NaN stays NaN
     L = tl.load(_ptr(base, 5, CT) + tap, mask=mask, other=0)
     L = tl.where(diag, L + 1, L)
-    tl.store(p_ptr + offs, tl.fma(L * sign, neg_lr, p).to(DT), mask=mask)
-    tl.store(m_ptr + offs, tl.fma(g, keep2, m * beta2).to(DT), mask=mask)
+    tl.store(p_ptr + offs, tl.fma(L * sign, tl.load(hyper_ptr + 1), p).to(DT), mask=mask)
+    tl.store(m_ptr + offs, tl.fma(g, tl.load(hyper_ptr + 5), m * tl.load(hyper_ptr + 4)).to(DT), mask=mask)
 
 
 def kernels():

@@ -21,31 +21,17 @@ How the latency ratio depends on the input size (one trained run's network, fed 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
 import math
 import os
-import shlex
 import statistics
 import sys
 from pathlib import Path
 
+from cli_json import repopt_json
+
 METHODS = ("repopt", "repvgg", "plain")
 GRANULARITIES = ("per_channel", "per_tensor")
-
-
-def repopt_json(argv: list[str]) -> dict:
-    """Run `repopt ARGV --json` in this process and return what it printed."""
-    from repopt.app.cli import main
-
-    print("$ repopt " + shlex.join(argv + ["--json"]), file=sys.stderr, flush=True)
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        code = main(argv + ["--json"])
-    if code != 0:
-        raise SystemExit(f"repopt {argv[0]} exited with {code}")
-    return json.loads(buf.getvalue())
 
 
 def measure(folders: list[Path], methods, calib_batches: int, threads: int, repeats: int, out: Path) -> list[dict]:

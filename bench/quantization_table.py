@@ -16,29 +16,16 @@ A CIFAR-format smoke run without internet (random images in the real pickle form
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
-import json
 import os
 import shlex
 import sys
 import time
 from pathlib import Path
 
+from cli_json import repopt_json
+from repopt._io import write_json
+
 METHODS = ("repopt", "repvgg", "plain")
-
-
-def repopt_json(argv: list[str]) -> dict:
-    """Run `repopt ARGV --json` in this process and return what it printed."""
-    from repopt.app.cli import main
-
-    print("$ repopt " + shlex.join(argv + ["--json"]), file=sys.stderr, flush=True)
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf):
-        code = main(argv + ["--json"])
-    if code != 0:
-        raise SystemExit(f"repopt {argv[0]} exited with {code}")
-    return json.loads(buf.getvalue())
 
 
 def measure(runs: Path, methods, qat_epochs: int, calib_batches: int, threads: int | None, plot: Path) -> dict:
@@ -152,7 +139,7 @@ def main(argv=None) -> int:
     res = measure(args.runs, args.methods, args.qat_epochs, args.calib_batches, args.threads,
                   args.out / f"kernels-{args.name}.png")
     res["seconds"] = time.time() - start
-    (args.out / f"quantization-{args.name}.json").write_text(json.dumps(res, indent=2))
+    write_json(args.out / f"quantization-{args.name}.json", res)
     print(f"## {args.name}\n\nSettings: {settings_line(res)}\n")
     print(accuracy_table(res), "\n")
     print(latency_table(res), "\n")

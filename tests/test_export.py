@@ -5,24 +5,11 @@ import sys
 
 import pytest
 import torch
-from torch import nn
 
+from nets import conv_bn_net
 from repopt.quant import ExportDependencyError, check_onnx, export_onnx
 
 REASON = "ONNX export needs the `export` extra: pip install 'repopt[export]'"
-
-
-def target_net() -> nn.Module:
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-                      nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
-    with torch.no_grad():
-        for bn in (m[1], m[4]):
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.5, 2.0)
-            bn.weight.uniform_(0.5, 1.5)
-    return m.eval()
 
 
 def test_export_parity(tmp_path):
@@ -30,7 +17,7 @@ def test_export_parity(tmp_path):
         pytest.importorskip(module, reason=REASON)
     import onnx
 
-    model, example = target_net(), torch.randn(4, 3, 16, 16)
+    model, example = conv_bn_net(), torch.randn(4, 3, 16, 16)
     path = export_onnx(model, example, tmp_path / "model.onnx")
     assert [p.name for p in tmp_path.iterdir()] == ["model.onnx"]  # written whole, no temp file left
     graph = onnx.load(path).graph
@@ -45,5 +32,5 @@ def test_export_parity(tmp_path):
 def test_export_without_onnx(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "onnx", None)
     with pytest.raises(ExportDependencyError, match=r"pip install 'repopt\[export\]'"):
-        export_onnx(target_net(), torch.randn(1, 3, 8, 8), tmp_path / "m.onnx")
+        export_onnx(conv_bn_net(), torch.randn(1, 3, 8, 8), tmp_path / "m.onnx")
     assert not list(tmp_path.iterdir())

@@ -10,25 +10,13 @@ import zipfile
 
 import pytest
 import torch
-from torch import nn
 
+from nets import conv_bn_net
 from repopt.quant import (CLASSIFIER_FORMAT, FORMAT_KEY, InputShapeError, OnnxFileError, OnnxModel,
                           OnnxQuantSettings, ProgramFileError, QuantSettings, export_onnx, load_int8_program,
                           quantize_onnx, quantize_ptq, read_program_info, save_int8_program)
 
 REASON = "INT8 ONNX needs the `export` extra: pip install 'repopt[export]'"
-
-
-def net() -> nn.Module:
-    torch.manual_seed(0)
-    m = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
-                      nn.Conv2d(8, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
-                      nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10))
-    with torch.no_grad():
-        for bn in (m[1], m[4]):
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.5, 2.0)
-    return m.eval()
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +33,7 @@ def calib():
 @pytest.fixture(scope="module")
 def fp32_file(onnx_modules, tmp_path_factory, calib):
     path = tmp_path_factory.mktemp("onnx") / "fp32.onnx"
-    export_onnx(net(), calib[0], path, metadata={FORMAT_KEY: CLASSIFIER_FORMAT, "repopt.precision": "fp32"})
+    export_onnx(conv_bn_net(trained_bn_affine=False), calib[0], path, metadata={FORMAT_KEY: CLASSIFIER_FORMAT, "repopt.precision": "fp32"})
     return path
 
 
@@ -73,7 +61,7 @@ def test_quantize_onnx_qdq(fp32_file, calib, tmp_path, per_channel):
     assert q.metadata[FORMAT_KEY] == CLASSIFIER_FORMAT  # the fp32 file's metadata survives quantization
     x = torch.randn(7, 3, 12, 12, generator=torch.Generator().manual_seed(2))  # dynamic batch
     ref, got = f(x), q(x)
-    assert torch.allclose(ref, net()(x).detach(), atol=1e-4)
+    assert torch.allclose(ref, conv_bn_net(trained_bn_affine=False)(x).detach(), atol=1e-4)
     assert 0 < ((got - ref).norm() / ref.norm()).item() < 0.1  # quantized: close, not equal
 
 
@@ -123,7 +111,7 @@ def test_settings_validation():
 @pytest.fixture(scope="module")
 def program(tmp_path_factory, calib):
     pytest.importorskip("torchao", reason="INT8 tests need the `quant` extra: pip install 'repopt[quant]'")
-    int8 = quantize_ptq(net(), calib, QuantSettings(calib_batches=3))
+    int8 = quantize_ptq(conv_bn_net(trained_bn_affine=False), calib, QuantSettings(calib_batches=3))
     path = tmp_path_factory.mktemp("pt2") / "q.pt2"
     save_int8_program(int8, path, {"config": {"arch": "test"}})
     return int8, path

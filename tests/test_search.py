@@ -71,7 +71,12 @@ def test_foreign_resnet():
     assert convs["stem"].branch_names == ["5x5", "3x3", "1x1"]  # a full-size branch is added
     assert convs["stem"].identity is None and convs["layers.0.conv1"].identity is not None
     assert convs["layers.1.conv1"].identity is None and convs["layers.1.conv2"].identity is not None
-    assert all(torch.all(c.branch_scale(b) == 1) for c in convs.values() for b in c.branch_names)
+    # the paper's HS init by depth: 1 without identity (restarting the count), sqrt(2/l) for the l-th with one
+    want = {"stem": 1.0, "layers.0.conv1": math.sqrt(2), "layers.0.conv2": 1.0, "layers.1.conv1": 1.0,
+            "layers.1.conv2": math.sqrt(2)}
+    for name, c in convs.items():
+        assert all(torch.allclose(c.branch_scale(b), torch.full_like(c.branch_scale(b), want[name]))
+                   for b in c.branch_names), name
     assert convs["stem"].convs["5x5"].dtype == torch.float64
     # untouched rest: every non-HS parameter is equal to the original's
     orig = dict(model.named_parameters())

@@ -7,6 +7,7 @@ from .optim import RepOptAdamW, RepOptLion, RepOptSGD, param_groups
 from .reinit import ReinitError, apply_rule_of_initialization
 from .scales import Scales, ScalesError, load_scales, save_scales
 from .search import extract_scales, to_hyper_search
+from .convert import ConversionError, to_target
 from . import models
 from .targets import find_target_convs
 
@@ -15,5 +16,6 @@ __version__ = "0.1.0"
 __all__ = [
     "BranchSet", "BranchError", "ConvGeometry", "IDENTITY", "RepOptSGD", "RepOptAdamW", "RepOptLion",
     "param_groups", "Scales", "ScalesError", "load_scales", "save_scales", "find_target_convs",
-    "apply_rule_of_initialization", "ReinitError", "to_hyper_search", "extract_scales", "models",
+    "apply_rule_of_initialization", "ReinitError", "to_hyper_search", "extract_scales", "models", "to_target",
+    "ConversionError",
 ]

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .branches import IDENTITY
+from .branches import IDENTITY, ConvGeometry
 from .models.csla_conv import CSLAConv2d
 from .optim import RepOptAdamW, RepOptLion, RepOptSGD
 
@@ -143,13 +143,22 @@ def _scales(names, out_channels: int, gen: torch.Generator, negative: bool) -> d
 def build_pair(branch_set: str, seed: int = 0, negative: bool = True, zero_scales: bool = False):
     """The explicit CSLA block (+BN) and the target conv (+BN) at the equivalent starting point, in float64."""
     names, identity, cin, cout, stride, groups = BRANCH_SETS[branch_set]
+    geometry = ConvGeometry(cout, cin, (3, 3), (stride, stride), (1, 1), (1, 1), groups)
+    return build_pair_for(geometry, [*names, *[IDENTITY] * identity], seed, negative, zero_scales)
+
+
+def build_pair_for(geometry: ConvGeometry, branches, seed: int = 0, negative: bool = True, zero_scales: bool = False):
+    """build_pair for any conv geometry and branch set (e.g. a block of a real network: `repopt.to_target` declares
+    the branch set of each of its convs)."""
+    names, identity = [b for b in branches if b != IDENTITY], IDENTITY in branches
+    cin, cout = geometry.in_channels, geometry.out_channels
     gen = torch.Generator().manual_seed(seed)
     scales = _scales(names, cout, gen, negative)
     if zero_scales:
         scales = {b: torch.zeros(cout, dtype=torch.float64) for b in names}
     torch.manual_seed(seed)
-    csla_conv = CSLAConv2d(cin, cout, 3, stride, groups=groups, branches=scales, identity=identity,
-                           trainable_scales=False).double()
+    csla_conv = CSLAConv2d(cin, cout, geometry.kernel_size, geometry.stride, geometry.padding, geometry.dilation,
+                           geometry.groups, branches=scales, identity=identity, trainable_scales=False).double()
     for b, s in scales.items():  # keep the float64 scales exactly (the constructor stores float32)
         setattr(csla_conv, f"scale_{b}", s.clone())
     if identity:
@@ -178,9 +187,12 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-300))
 
 
-def run_proof(optimizer: str, branch_set: str, steps: int = 200, seed: int = 0, device="cpu") -> ProofResult:
+def run_proof(optimizer: str, branch_set: str, steps: int = 200, seed: int = 0, device="cpu",
+              pair=None) -> ProofResult:
+    """pair: (csla, target, scales) from build_pair_for to prove another block than BRANCH_SETS[branch_set] (then
+    branch_set is only its label)."""
     stock_cls, repopt_cls, kwargs, extras = OPTIMIZERS[optimizer]
-    csla, target, scales = build_pair(branch_set, seed)
+    csla, target, scales = build_pair(branch_set, seed) if pair is None else pair
     csla, target = csla.to(device), target.to(device)
     cout, cin = csla[0].geometry.out_channels, csla[0].geometry.in_channels
     gen = torch.Generator().manual_seed(seed + 1)

@@ -47,6 +47,12 @@ def run_pipeline(base: TrainConfig, hs_epochs: int, methods=METHODS, int8: bool 
     out = Path(base.out)
     out.mkdir(parents=True, exist_ok=True)
     say = (lambda msg: None) if base.quiet else (lambda msg: print(f"[pipeline] {msg}", flush=True))
+    from ..integrations import timm as timm_models
+
+    if "repvgg" in methods and timm_models.is_timm_arch(base.arch) and \
+            not timm_models.has_multi_branch_form(base.arch):
+        methods = tuple(m for m in methods if m != "repvgg")
+        say(f"{base.arch} has no multi-branch training form: no repvgg baseline")
     say(f"hyper-search: {base.arch} on {base.dataset}, {hs_epochs} epochs -> {out / 'search'}")
     scales, hs_result = search_scales(hs_config(base, out / "search", hs_epochs))
     rows = []

@@ -56,6 +56,7 @@ class TrainConfig:
     grad_clip: float | None = None  # global-norm clipping; refused with repopt (it breaks the equivalence)
     scales: str | None = None       # scales file for method repopt
     identity_init: str = "searched"
+    force_reinit: bool = False      # apply the rule of initialization even to BatchNorms that look trained
     amp: bool = False               # bf16 autocast on CPU, fp16 + GradScaler on CUDA
     channels_last: bool = False
     ema: float | None = None        # EMA decay of the weights used for evaluation, e.g. 0.999
@@ -127,10 +128,12 @@ class TrainConfig:
             raise TrainingError(f"--label-smoothing must lie in [0, 1), got {self.label_smoothing}")
         if self.ema is not None and not 0 < self.ema < 1:
             raise TrainingError(f"--ema is a decay in (0, 1), e.g. 0.999; got {self.ema}")
-        from ..models import list_models
+        from ..models.registry import check_name
 
-        if self.arch not in list_models():
-            raise TrainingError(f"unknown model {self.arch!r}; known models: {', '.join(list_models())}")
+        try:
+            check_name(self.arch)  # a registered name, or timm:NAME where timm is installed
+        except ValueError as e:
+            raise TrainingError(str(e)) from None
         if self.method == "repopt" and self.grad_clip:
             raise TrainingError("gradient clipping is refused with RepOpt: clipping by the global norm is not an "
                                 "elementwise constant map, so the target conv would no longer train as its "
@@ -175,7 +178,7 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, fresh: bool):
         scales = load_scales(cfg.scales)
         try:
             return cls.from_scales(model, scales, reinit=fresh, identity_init=cfg.identity_init,
-                                   weight_decay=cfg.weight_decay, **kwargs)
+                                   force_reinit=cfg.force_reinit, weight_decay=cfg.weight_decay, **kwargs)
         except ScalesError as e:  # name the file as well as the layer
             raise ScalesError(f"{cfg.scales} does not fit {cfg.arch}: {e}") from None
     groups = hs_param_groups(model, cfg.weight_decay) if cfg.method == "hs" else \

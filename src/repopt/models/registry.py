@@ -19,7 +19,19 @@ def register(name: str, builder: Callable[..., nn.Module]) -> None:
 
 
 def list_models() -> list[str]:
+    """The registered names; any `timm:NAME` timm can build is accepted too (repopt.integrations.timm)."""
     return sorted(_REGISTRY)
+
+
+def check_name(name: str) -> None:
+    """Raise ValueError unless `name` is a registered model or a `timm:NAME` that timm (installed) can build."""
+    from ..integrations import timm as timm_models
+
+    if timm_models.is_timm_arch(name):
+        timm_models.check_arch(name)
+    elif name not in _REGISTRY:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())} (or timm:NAME with timm "
+                         f"installed)")
 
 
 def create(name: str, mode: str = "target", num_classes: int = 1000, scales=None, **options) -> nn.Module:
@@ -30,10 +42,13 @@ def create(name: str, mode: str = "target", num_classes: int = 1000, scales=None
     scales: for 'hs'/'csla', a repopt.Scales (or path) whose values replace the initial scales.
     options: passed to the builder, e.g. strides=(1, 1, 2, 2, 2) or in_channels=1 for RepOpt-VGG.
     """
-    builder = _REGISTRY.get(name)
-    if builder is None:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
-    model = builder(mode=mode, num_classes=num_classes, **options)
+    from ..integrations import timm as timm_models
+
+    check_name(name)
+    if timm_models.is_timm_arch(name):
+        model = timm_models.create(name, mode=mode, num_classes=num_classes, **options)
+    else:
+        model = _REGISTRY[name](mode=mode, num_classes=num_classes, **options)
     if scales is not None:
         if mode not in ("hs", "csla"):
             raise ValueError(f"scales= only applies to modes 'hs' and 'csla' (got mode {mode!r}); a target model "

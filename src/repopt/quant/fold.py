@@ -23,10 +23,30 @@ def _set_submodule(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(parent, attr, module)  # works for Sequential ("0") and attribute-style children alike
 
 
+# BatchNorm subclasses that normalise and then run their children: timm's BatchNormAct2d (batch_norm, then `drop`,
+# then `act`). Folded, they leave those children behind, in that order.
+_BN_THEN_CHILDREN = {"timm.layers.norm_act.BatchNormAct2d": ("drop", "act")}
+
+
+def _key(module: nn.Module) -> str:
+    return f"{type(module).__module__}.{type(module).__qualname__}"
+
+
+def _remainder(bn: nn.Module) -> nn.Module | None:
+    """What is left of `bn` once its normalisation is folded into the conv before it; None: not foldable.
+
+    Exact types only: a Conv2d subclass (e.g. a multi-branch conv) may compute something other than its `weight`, and
+    an unknown BatchNorm subclass may do more than normalise."""
+    if type(bn) in _BN_TYPES:
+        return nn.Identity()
+    children = _BN_THEN_CHILDREN.get(_key(bn))
+    if children is not None and [n for n, _ in bn.named_children()] == list(children):
+        return nn.Sequential(*(getattr(bn, n) for n in children))
+    return None
+
+
 def _foldable(conv: nn.Module, bn: nn.Module) -> bool:
-    # Exact types: a Conv2d subclass (e.g. a multi-branch conv) may compute something other than its `weight`, and a
-    # BatchNorm subclass may do more than normalise (timm's BatchNormAct2d applies its activation too).
-    return (type(conv) is nn.Conv2d and type(bn) in _BN_TYPES and bn.num_features == conv.out_channels
+    return (type(conv) is nn.Conv2d and _remainder(bn) is not None and bn.num_features == conv.out_channels
             and bn.track_running_stats and bn.running_mean is not None)
 
 
@@ -55,7 +75,8 @@ def conv_bn_pairs(model: nn.Module) -> list[tuple[str, str]]:
 
 
 def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
-    """Fold every conv -> BN pair of `model` into a single biased conv; the BN becomes nn.Identity.
+    """Fold every conv -> BN pair of `model` into a single biased conv; the BN becomes nn.Identity (timm's
+    BatchNormAct2d: its dropout and activation).
 
     The result equals `model` in eval mode. With `inplace=False` (default) `model` is left untouched.
     """
@@ -63,6 +84,7 @@ def fold_batchnorm(model: nn.Module, inplace: bool = False) -> nn.Module:
         model = copy.deepcopy(model)
     for conv_name, bn_name in conv_bn_pairs(model):
         fused = fused_conv_bn(model.get_submodule(conv_name), model.get_submodule(bn_name))
+        bn = model.get_submodule(bn_name)
         _set_submodule(model, conv_name, fused)
-        _set_submodule(model, bn_name, nn.Identity())
+        _set_submodule(model, bn_name, _remainder(bn))
     return model

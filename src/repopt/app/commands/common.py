@@ -22,7 +22,10 @@ def add_training_arguments(p, out_default: str, epochs_default: int = 30, hs_epo
     g.add_argument("--data-dir", default=None, help="dataset root (cifar10/cifar100/folder)")
     g.add_argument("--image-size", type=int, default=None, help="input size in pixels (default 32)")
     g.add_argument("--arch", default=None, help="model name (default repopt_vgg_tiny; see `repopt train "
-                                                "--list-archs`)")
+                                                "--list-archs`), or timm:NAME for a timm model built fresh and made "
+                                                "plain by repopt.to_target (docs/timm.md)")
+    g.add_argument("--force-reinit", action="store_true", help="apply RepOpt's rule of initialization even where "
+                   "the model's BatchNorms look trained (running statistics moved)")
     add_data_arguments(g)
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {epochs_default})")
@@ -78,7 +81,7 @@ def config_from_args(args, method: str, out: str, epochs: int | None = None, **o
     settings = {**{k: v for k, v in defaults.items() if k not in settings}, **settings}
     return TrainConfig(out=out, accumulate=args.accumulate, amp=args.amp, channels_last=args.channels_last,
                        ema=args.ema, seed=args.seed, device=args.device, quiet=args.quiet, recipe=args.recipe,
-                       recipe_overrides=sorted(overridden), **settings)
+                       recipe_overrides=sorted(overridden), force_reinit=args.force_reinit, **settings)
 
 
 def hs_epochs_of(args, cfg: TrainConfig) -> int:

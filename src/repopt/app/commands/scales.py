@@ -12,6 +12,7 @@ NAME = "scales"
 HELP = "Import released RepOpt scales (.pth) into repopt's format, show per-stage statistics, or compare two files."
 EXAMPLES = """examples:
   repopt scales import RepOpt-VGG-B1-scales.pth -o b1.safetensors --arch repopt_vgg_b1
+  repopt scales import RepOpt-VGG-B1-scales.pth -o b1-timm.safetensors --for timm:repvgg_b1   # timm's names
   repopt scales show b1.safetensors                # per-stage mean/std/min/max of each branch, negatives
   repopt scales show b1.safetensors --json --plot b1.png
   repopt scales diff b1.safetensors searched.safetensors   # exit code 0 if equal, 1 if they differ
@@ -23,8 +24,9 @@ def add_arguments(p) -> None:
     imp = sub.add_parser("import", help="convert a released .pth (or a repopt file) into a validated .safetensors")
     imp.add_argument("source", help="scales file: a released reference .pth or a repopt .safetensors")
     imp.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
-    imp.add_argument("--arch", help="model the scales are for, e.g. repopt_vgg_b1 (default: the registered model "
-                                    "whose target convs they fit exactly)")
+    imp.add_argument("--arch", "--for", dest="arch",
+                     help="model the scales are for, e.g. repopt_vgg_b1 or timm:repvgg_b1 (RepOpt-VGG names are "
+                          "renamed to timm's; default: the registered model whose target convs they fit exactly)")
     imp.add_argument("--force", action="store_true", help="overwrite OUTPUT if it exists")
     show = sub.add_parser("show", help="per-stage statistics of each branch")
     show.add_argument("file")
@@ -47,10 +49,13 @@ def _target_model(arch: str):
     import torch
 
     from ..cli import UserError
-    from ...models import create, list_models
+    from ...models import create
+    from ...models.registry import check_name
 
-    if arch not in list_models():
-        raise UserError(f"unknown --arch {arch!r}; known: {', '.join(list_models())}")
+    try:
+        check_name(arch)
+    except ValueError as e:
+        raise UserError(f"--arch: {e}") from None
     with torch.device("meta"):  # only the conv shapes are needed: no memory, no init time
         return create(arch, mode="target")
 
@@ -98,7 +103,11 @@ def _import(args) -> int:
         raise UserError(f"{out} already exists; pass --force to overwrite it")
     if out.suffix != ".safetensors":
         raise UserError(f"{out}: the output must be a .safetensors file")
+    from ...integrations import timm as timm_models
+
     scales = load_scales(args.source)
+    if args.arch and timm_models.is_timm_arch(args.arch):
+        scales = timm_models.scales_for(scales, args.arch)
     arch = args.arch or _infer_arch(scales, args.source)
     model = _check_fits(scales, arch, args.source)
     scales.metadata["arch"] = arch

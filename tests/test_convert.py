@@ -164,15 +164,18 @@ def test_to_target_keeps_the_function_and_declares_each_blocks_branch_set():
 
 def test_hyper_search_of_a_converted_model_carries_the_same_branch_sets_and_the_depth_rule():
     torch.manual_seed(0)
-    target = repopt.to_target(net())
+    model = net()
+    model[5].identity = None  # a block built without its identity branch, though the shapes would allow one
+    target = repopt.to_target(model)
     hs = repopt.to_hyper_search(target)
     convs = {n: m for n, m in hs.named_modules() if isinstance(m, CSLAConv2d)}
     assert list(convs) == target_convs(target)
     got = {n: c.branch_names + ["identity"] * (c.identity is not None) for n, c in convs.items()}
     assert got == {n: declared_branches(target, n) for n in convs}
+    assert got["5.conv_kxk.0.conv"] == ["1x1", "1x1_2"]
     # the paper's initial scales, by depth: 1 without identity (stem, first stride-2 or widening conv), sqrt(2/l)
     inits = [c.branch_scale(c.branch_names[0])[0].item() for c in convs.values()]
-    assert inits == pytest.approx([1, math.sqrt(2), 1, math.sqrt(2 / 3), 1, math.sqrt(2)])
+    assert inits == pytest.approx([1, math.sqrt(2), 1, math.sqrt(2 / 3), 1, 1])
     scales = repopt.extract_scales(hs)
     opt = repopt.RepOptSGD.from_scales(target, scales, lr=0.01, momentum=0.9)  # strict: binds every target conv
     assert sum(bs is not None for bs in opt.branch_sets) == 6

@@ -49,13 +49,16 @@ def _target_model(arch: str):
     import torch
 
     from ..cli import UserError
-    from ...models import create
-    from ...models.registry import check_name
+    from ...integrations import timm as timm_models
+    from ...models import create, list_models
 
-    try:
-        check_name(arch)
-    except ValueError as e:
-        raise UserError(f"--arch: {e}") from None
+    if timm_models.is_timm_arch(arch):
+        try:
+            timm_models.check_arch(arch)
+        except ValueError as e:
+            raise UserError(f"--arch {arch!r}: {e}") from None
+    elif arch not in list_models():
+        raise UserError(f"unknown --arch {arch!r}; known: {', '.join(list_models())} (or timm:NAME)")
     with torch.device("meta"):  # only the conv shapes are needed: no memory, no init time
         return create(arch, mode="target")
 

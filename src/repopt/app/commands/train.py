@@ -41,6 +41,7 @@ def run(args) -> int:
 
     if args.list_archs:
         print("\n".join(list_models()))
+        print("timm:NAME    any timm model (needs timm; docs/timm.md)")
         return 0
     cfg = config_from_args(args, "repopt", args.out, scales=args.scales, identity_init=args.identity_init,
                            grad_clip=args.grad_clip)

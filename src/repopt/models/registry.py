@@ -35,7 +35,8 @@ def check_name(name: str) -> None:
 
 
 def create(name: str, mode: str = "target", num_classes: int = 1000, scales=None, **options) -> nn.Module:
-    """Build a registered model.
+    """Build a registered model, or `timm:NAME` (timm installed; repopt.integrations.timm.create: modes target, hs,
+    repvgg).
 
     mode: 'target' (conv-BN-ReLU, what RepOpt trains), 'hs' (trainable branch scales), 'csla' (constant conv-branch
     scales, trainable identity) or 'repvgg' (structural re-parameterization baseline; VGG family only).

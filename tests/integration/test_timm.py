@@ -142,6 +142,11 @@ def test_timm_repvgg_is_repopt_vgg_in_repvgg_mode_and_takes_released_scales(tmp_
             if branch in entry:
                 released[f"{block}.{key}.weight"] = entry[branch]
     torch.save(released, tmp_path / "A0-scales.pth")
+    # the HS initial scales by depth on timm's RepVGG are RepOpt-VGG's own rule
+    by_depth = repopt.extract_scales(repopt.to_hyper_search(plain("repvgg_a0", theirs)))
+    for conv, entry in repopt.extract_scales(hs).items():
+        assert by_depth[repvgg_name(conv)].keys() == entry.keys()
+        assert all(torch.allclose(by_depth[repvgg_name(conv)][b], v) for b, v in entry.items()), conv
     out = tmp_path / "a0-timm.safetensors"
     assert main(["scales", "import", str(tmp_path / "A0-scales.pth"), "-o", str(out), "--for", "timm:repvgg_a0"]) == 0
     scales = repopt.load_scales(out)

@@ -144,8 +144,12 @@ def with_statistics(model):
 
 def test_to_target_keeps_the_function_and_declares_each_blocks_branch_set():
     torch.manual_seed(0)
-    model = with_statistics(net())
+    model = net()
+    for conv in (model[1].conv_kxk.conv, model[1].conv_1x1.conv):  # biased branch convs: summed into the BN shift
+        conv.bias = nn.Parameter(torch.randn(8, dtype=torch.float64))
+    model = with_statistics(model)
     target = repopt.to_target(model).eval()
+    assert target[1].conv_kxk.conv.bias is None
     assert all(isinstance(target[i], ConvertedBlock) for i in range(6))
     assert isinstance(model[0], RepVggBlock)  # the original is untouched
     x = torch.randn(3, 3, 12, 12, dtype=torch.float64)

@@ -135,6 +135,7 @@ def _merge(principal: nn.Conv2d, principal_bn: _BatchNorm, others: list[tuple[st
     seen = max(int(bn.num_batches_tracked or 0) for _, _, bn in branches)
     start = (1.0 + principal_bn.eps) ** 0.5  # the BN divides by sqrt(1 + eps) at its starting statistics
     principal.weight.copy_((kernel * start).to(principal.weight.dtype))
+    principal.bias = None  # counted in `bias` above: the BN's shift carries it now
     principal_bn.reset_running_stats()
     if principal_bn.num_batches_tracked is not None:
         principal_bn.num_batches_tracked.fill_(seen)

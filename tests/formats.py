@@ -1,5 +1,5 @@
-"""Writers for the real on-disk dataset formats (CIFAR pickles as torchvision downloads them, ImageFolder trees),
-shared by the tests."""
+"""Writers for the real on-disk dataset formats (CIFAR pickles as torchvision downloads them, ImageFolder trees,
+MNIST / Fashion-MNIST IDX files), shared by the tests."""
 from __future__ import annotations
 
 import io
@@ -107,3 +107,35 @@ def write_jpeg_folder(root, classes=("cat", "dog", "emu"), per_class=4, val_per_
                 img.save(path, quality=quality)
                 paths.append(path)
     return paths
+
+
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+def idx_bytes(array: np.ndarray, type_code: int = 0x08) -> bytes:
+    """An array in the IDX format (as LeCun's MNIST files): 00 00, type code, ndim, big-endian uint32 dims, data."""
+    dtype = {0x08: ">u1", 0x0B: ">i2", 0x0D: ">f4"}[type_code]
+    head = bytes([0, 0, type_code, array.ndim]) + b"".join(struct.pack(">I", d) for d in array.shape)
+    return head + np.ascontiguousarray(array, dtype=dtype).tobytes()
+
+
+def write_idx_dataset(folder, n_train=40, n_test=20, size=10, gz=True, classes=10, seed=0):
+    """The four MNIST/Fashion-MNIST IDX files (gzipped or not) in `folder`; returns {split: (images, labels)}."""
+    import gzip
+
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    written = {}
+    for split, n in (("train", n_train), ("test", n_test)):
+        images = rng.integers(0, 256, (n, size, size), dtype=np.uint8)
+        labels = (np.arange(n) % classes).astype(np.uint8)  # every class present, for balanced subsets
+        rng.shuffle(labels)
+        for name, array in zip(IDX_FILES[split], (images, labels)):
+            data = idx_bytes(array)
+            if gz:
+                (folder / f"{name}.gz").write_bytes(gzip.compress(data))
+            else:
+                (folder / name).write_bytes(data)
+        written[split] = (images, labels)
+    return written

@@ -107,7 +107,7 @@ for _args, _name, _expect, _where in [
         _setup)
 
 
-for _flag, _value in [("--method", "nope"), ("--dataset", "mnist"), ("--optimizer", "sgdd")]:
+for _flag, _value in [("--method", "nope"), ("--dataset", "svhn"), ("--optimizer", "sgdd")]:
     def _setup(ws, d, _flag=_flag, _value=_value):
         return _plain(d, _flag, _value)
     _setup.__name__ = f"cli_unknown_{_flag[2:]}"

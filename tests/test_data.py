@@ -136,11 +136,11 @@ def test_cifar_errors_name_the_file(tmp_path):
 
 
 def test_unknown_name_and_bad_size():
-    with pytest.raises(DataError, match=r"unknown dataset 'mnist'.*digits, cifar10, cifar100, folder"):
-        load_dataset("mnist")
+    with pytest.raises(DataError, match=r"unknown dataset 'svhn'.*digits, cifar10, cifar100, folder, mnist"):
+        load_dataset("svhn")
     with pytest.raises(DataError, match="image_size"):
         load_dataset("digits", image_size=0)
-    assert DATASETS == ("digits", "cifar10", "cifar100", "folder") and issubclass(DataError, ValueError)
+    assert DATASETS == ("digits", "cifar10", "cifar100", "folder", "mnist", "fashion-mnist") and issubclass(DataError, ValueError)
 
 
 # -- image folders ----------------------------------------------------------------------------------------------------

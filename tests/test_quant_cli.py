@@ -83,8 +83,8 @@ def test_quantize_refusals(runs, tmp_path, capsys):
     err = cli_error(capsys, "quantize", runs["repopt"], "--dataset", "cifar10", "--data-dir", tmp_path)
     assert err.startswith("repopt quantize: error:") and err.count("\n") == 1
     with pytest.raises(SystemExit) as e:  # argparse refuses an unknown dataset name
-        main(["quantize", str(runs["repopt"]), "--dataset", "mnist"])
-    assert e.value.code == 2 and "invalid choice: 'mnist'" in capsys.readouterr().err
+        main(["quantize", str(runs["repopt"]), "--dataset", "svhn"])
+    assert e.value.code == 2 and "invalid choice: 'svhn'" in capsys.readouterr().err
 
 
 def test_quantize_without_torchao(runs, capsys, without_torchao):

@@ -181,3 +181,13 @@ def test_search_has_no_hs_epochs_and_zero_is_refused(capsys, monkeypatch, tmp_pa
     assert "unrecognized arguments: --hs-epochs 5" in capsys.readouterr().err
     assert main(["train", "--hs-epochs", "0", "--quiet", "--out", str(tmp_path / "t")]) == 2
     assert capsys.readouterr().err == "repopt train: error: --hs-epochs must be at least 1, got 0\n"
+
+
+def test_eval_every_skips_the_test_pass_but_not_after_the_last_epoch(tmp_path):
+    from repopt.app.metrics import read_metrics
+
+    result = train(TrainConfig(method="plain", epochs=3, eval_every=2, out=str(tmp_path), **FAST))
+    tested = [r["test_top1"] is not None for r in read_metrics(tmp_path / "metrics.jsonl")]
+    assert tested == [False, True, True] and result["top1"] > 0
+    with pytest.raises(TrainingError, match="--eval-every"):
+        TrainConfig(method="plain", eval_every=0).validate()

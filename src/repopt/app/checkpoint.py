@@ -137,3 +137,15 @@ def load_trained(path: str | os.PathLike, deploy: bool = False) -> tuple[nn.Modu
 
 def mode_of(method: str) -> str:
     return {"repopt": "target", "plain": "target", "repvgg": "repvgg", "hs": "hs"}[method]
+
+
+def run_data_options(config: dict[str, Any]) -> dict[str, Any]:
+    """The load_dataset options that serve a run's dataset as the run saw it, without the training-only batch
+    augmentation: its data options and its training subset (INT8 calibration reads the images it trained on). What
+    evaluation, calibration and quantization of a saved run load its own dataset with."""
+    from ..data import serving_options
+
+    options = serving_options(config.get("data_options"))
+    if config.get("train_subset") is not None:
+        options["train_subset"] = config["train_subset"]
+    return options

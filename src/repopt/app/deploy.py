@@ -183,13 +183,14 @@ def evaluate_file(path, dataset=None, data_dir=None, batch_size: int = 256, thre
     """Top-1 and loss of a saved .onnx / .pt2 classifier on a test set, the same way `repopt eval RUN` measures a
     run: the training dataset by default, served at the file's input size, normalized with its training statistics."""
     from .cli import UserError
-    from ..data import load_dataset, serving_options
+    from .checkpoint import run_data_options
+    from ..data import load_dataset
     from .train import evaluate
 
     model, cfg, desc = load_deployed_file(path, threads)
     name = dataset or cfg["dataset"]
     folder = data_dir if dataset else cfg.get("data_dir")
-    options = serving_options(cfg.get("data_options")) if name == cfg["dataset"] else {}
+    options = run_data_options(cfg) if name == cfg["dataset"] else {}
     ds = load_dataset(name, folder, desc["input_size"] or cfg.get("image_size"), **options)
     if ds.num_classes != cfg["num_classes"]:
         raise UserError(f"{path} has {cfg['num_classes']} classes but {name} has {ds.num_classes}")

@@ -72,7 +72,8 @@ def plot_curves(runs: dict[str, Path], path: Path, quiet: bool = False) -> Path 
             continue
         epochs = [r["epoch"] for r in rows]
         ax_loss.plot(epochs, [r["train_loss"] for r in rows], label=label)
-        ax_acc.plot(epochs, [r["test_top1"] for r in rows], label=label)
+        tested = [r for r in rows if r.get("test_top1") is not None]  # --eval-every skips epochs
+        ax_acc.plot([r["epoch"] for r in tested], [r["test_top1"] for r in tested], label=label, marker=".")
     ax_loss.set(xlabel="epoch", ylabel="train loss", title="training loss")
     ax_acc.set(xlabel="epoch", ylabel="test top-1 (%)", title="test accuracy")
     for ax in (ax_loss, ax_acc):

@@ -25,13 +25,12 @@ def int8_column(run_dir: Path, calib_batches: int = 8, quiet: bool = True, backe
         from .deploy import int8_onnx_column
 
         return int8_onnx_column(run_dir, calib_batches, quiet)
-    from .checkpoint import load_trained
-    from ..data import load_dataset, serving_options
+    from .checkpoint import load_trained, run_data_options
+    from ..data import load_dataset
     from ..quant import QuantDependencyError, QuantSettings, evaluate_top1, quantize_ptq
 
     model, conf = load_trained(run_dir, deploy=True)
-    ds = load_dataset(conf["dataset"], conf.get("data_dir"), conf.get("image_size"),
-                      **serving_options(conf.get("data_options")))
+    ds = load_dataset(conf["dataset"], conf.get("data_dir"), conf.get("image_size"), **run_data_options(conf))
     settings = QuantSettings(calib_batches=calib_batches)
     try:
         int8 = quantize_ptq(model, ds.calibration_batches(calib_batches, 64), settings)
@@ -43,7 +42,8 @@ def int8_column(run_dir: Path, calib_batches: int = 8, quiet: bool = True, backe
 
 
 def run_pipeline(base: TrainConfig, hs_epochs: int, methods=METHODS, int8: bool = True,
-                 int8_backend: str = "torchao") -> dict:
+                 int8_backend: str = "torchao", scales: str | None = None) -> dict:
+    """`scales`: a scales file (or 'ones') for the repopt row instead of a search on the pipeline's own data."""
     out = Path(base.out)
     out.mkdir(parents=True, exist_ok=True)
     say = (lambda msg: None) if base.quiet else (lambda msg: print(f"[pipeline] {msg}", flush=True))
@@ -53,12 +53,17 @@ def run_pipeline(base: TrainConfig, hs_epochs: int, methods=METHODS, int8: bool 
             not timm_models.has_multi_branch_form(base.arch):
         methods = tuple(m for m in methods if m != "repvgg")
         say(f"{base.arch} has no multi-branch training form: no repvgg baseline")
-    say(f"hyper-search: {base.arch} on {base.dataset}, {hs_epochs} epochs -> {out / 'search'}")
-    scales, hs_result = search_scales(hs_config(base, out / "search", hs_epochs))
+    hs_result = {"top1": None}
+    if scales is None:
+        say(f"hyper-search: {base.arch} on {base.dataset}, {hs_epochs} epochs -> {out / 'search'}")
+        scales, hs_result = search_scales(hs_config(base, out / "search", hs_epochs))
+    else:
+        say(f"no hyper-search: the repopt row uses the scales {scales}")
     rows = []
     for method in methods:
+        ablations = {} if method == "repopt" else {"reinit": True, "mask": True}  # they apply to the repopt row
         cfg = dataclasses.replace(base, method=method, out=str(out / method),
-                                  scales=str(scales) if method == "repopt" else None)
+                                  scales=str(scales) if method == "repopt" else None, **ablations)
         say(f"train {method}: {cfg.epochs} epochs -> {cfg.out}")
         result = finished_result(cfg) or train(cfg)
         row = {k: result[k] for k in ("method", "top1", "train_seconds", "train_images_per_s", "params")}
@@ -72,7 +77,8 @@ def run_pipeline(base: TrainConfig, hs_epochs: int, methods=METHODS, int8: bool 
         rows.append(row)
     report = {"dataset": base.dataset, "arch": base.arch, "epochs": base.epochs, "hs_epochs": hs_epochs,
               "seed": base.seed, "batch_size": base.batch_size, "optimizer": base.optimizer,
-              "hs_top1": hs_result["top1"], "scales": str(scales), "results": rows}
+              "hs_top1": hs_result["top1"], "scales": str(scales), "train_subset": base.train_subset,
+              "image_size": result.get("image_size"), "results": rows}
     if int8 and any("int8_top1" in r for r in rows):
         report["int8_settings"] = report_settings
         report["int8_backend"] = INT8_BACKENDS[int8_backend]
@@ -96,6 +102,9 @@ def report_markdown(report: dict) -> str:
                      f"{r['train_images_per_s']:.0f} | {r['params']:,} |")
     if has_int8 and report.get("int8_backend"):
         lines += ["", f"INT8: post-training quantization with {report['int8_backend']}, test set."]
-    lines += ["", "The hyper-search model's own accuracy is not a quality signal "
-              f"(HS top-1 here: {report['hs_top1']:.2f}%).", ""]
+    if report["hs_top1"] is None:
+        lines += ["", f"No hyper-search: the repopt row used the scales {report['scales']}.", ""]
+    else:
+        lines += ["", "The hyper-search model's own accuracy is not a quality signal "
+                  f"(HS top-1 here: {report['hs_top1']:.2f}%).", ""]
     return "\n".join(lines)

@@ -55,10 +55,11 @@ def _as_recorded(cfg: TrainConfig) -> TrainConfig:
 
 
 def hs_config(base: TrainConfig, out: Path, hs_epochs: int) -> TrainConfig:
-    """The hyper-search run that goes with `base`: same data, model and seed; the HS recipe's optimizer settings."""
+    """The hyper-search run that goes with `base`: same data, model and seed; the HS recipe's optimizer settings; none
+    of RepOpt's ablations (they change the RepOpt run, not its search)."""
     return dataclasses.replace(base, method="hs", optimizer="sgd", epochs=hs_epochs, out=str(out), scales=None,
                                grad_clip=HS_GRAD_CLIP, lr=None, lr_base=None, weight_decay=None, warmup_epochs=None,
-                               ema=None, recipe=None, recipe_overrides=[])
+                               ema=None, recipe=None, recipe_overrides=[], reinit=True, mask=True)
 
 
 def search_scales(hs: TrainConfig) -> tuple[Path, dict]:

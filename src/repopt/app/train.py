@@ -26,8 +26,10 @@ from .recipes import DEFAULTS, LR_BASE_SIZE, default_warmup_epochs, describe_lr,
 METHODS = ("repopt", "repvgg", "plain", "hs")
 OPTIMIZERS = tuple(DEFAULTS)
 # what must match between a checkpoint and the command that resumes it
-RESUME_KEYS = ("method", "arch", "dataset", "image_size", "optimizer", "epochs", "batch_size", "lr", "weight_decay",
-               "seed", "accumulate", "label_smoothing", "warmup_epochs", "momentum", "nesterov", "model_options")
+RESUME_KEYS = ("method", "arch", "dataset", "train_subset", "image_size", "optimizer", "epochs", "batch_size", "lr",
+               "weight_decay", "seed", "accumulate", "label_smoothing", "warmup_epochs", "momentum", "nesterov",
+               "model_options", "reinit", "mask")
+RESUME_DEFAULTS = {"reinit": True, "mask": True}  # what a checkpoint written before these keys existed had
 
 
 class TrainingError(RuntimeError):
@@ -41,6 +43,7 @@ class TrainConfig:
     dataset: str = "digits"
     data_dir: str | None = None
     image_size: int | None = None
+    train_subset: int | None = None  # train on a fixed, class-balanced part of the training split (data/subset.py)
     optimizer: str = "sgd"
     epochs: int = 30
     batch_size: int = 64            # global batch per optimizer step, over all ranks
@@ -57,9 +60,12 @@ class TrainConfig:
     scales: str | None = None       # scales file for method repopt
     identity_init: str = "searched"
     force_reinit: bool = False      # apply the rule of initialization even to BatchNorms that look trained
+    reinit: bool = True             # repopt: apply the rule of initialization (False: the --no-reinit ablation)
+    mask: bool = True               # repopt: gradient multipliers (False: the --no-mask ablation; app/ablations.py)
     amp: bool = False               # bf16 autocast on CPU, fp16 + GradScaler on CUDA
     channels_last: bool = False
     ema: float | None = None        # EMA decay of the weights used for evaluation, e.g. 0.999
+    eval_every: int = 1             # test every N epochs (and after the last); larger saves time on big test sets
     seed: int = 0
     device: str = "auto"
     out: str = "runs/train"
@@ -93,9 +99,15 @@ class TrainConfig:
                          self.lr_base_size)
         extra = f", momentum {self.momentum}{' nesterov' if self.nesterov else ''}" if self.optimizer == "sgd" else ""
         data = "".join(f", {k} {v}" for k, v in self.data_options.items())
+        if self.train_subset is not None:
+            data += f", training subset {self.train_subset}"
+        ablation = [a for a, on in (("no rule of initialization", not self.reinit),
+                                    ("no gradient multipliers", not self.mask),
+                                    ("all scales 1", self.method == "repopt" and self.scales == "ones")) if on]
         return (f"{self.optimizer} lr {lr}, weight decay {self.weight_decay:g}{extra}, warmup "
                 f"{self.warmup_epochs:g} epochs then cosine to 0, label smoothing {self.label_smoothing:g}, "
-                f"batch {self.batch_size}, {self.epochs} epochs{data}")
+                f"batch {self.batch_size}, {self.epochs} epochs{data}" + (f" (ablation: {', '.join(ablation)})"
+                                                                          if ablation else ""))
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
@@ -126,6 +138,8 @@ class TrainConfig:
             raise TrainingError(f"--weight-decay must be a finite number >= 0, got {self.weight_decay}")
         if not 0 <= self.label_smoothing < 1:
             raise TrainingError(f"--label-smoothing must lie in [0, 1), got {self.label_smoothing}")
+        if self.eval_every < 1:
+            raise TrainingError(f"--eval-every must be at least 1, got {self.eval_every}")
         if self.ema is not None and not 0 < self.ema < 1:
             raise TrainingError(f"--ema is a decay in (0, 1), e.g. 0.999; got {self.ema}")
         from ..models.registry import check_name
@@ -138,6 +152,11 @@ class TrainConfig:
             raise TrainingError("gradient clipping is refused with RepOpt: clipping by the global norm is not an "
                                 "elementwise constant map, so the target conv would no longer train as its "
                                 "multi-branch block (train without --grad-clip)")
+        from .ablations import check_ablations
+
+        refused = check_ablations(self)
+        if refused:
+            raise TrainingError(refused)
         if self.method == "repopt" and not self.scales:
             raise TrainingError("method repopt needs a scales file (or use `repopt train`, which searches them "
                                 "first when --scales is not given)")
@@ -166,7 +185,7 @@ def build_model(cfg: TrainConfig) -> nn.Module:
 
 def build_optimizer(cfg: TrainConfig, model: nn.Module, fresh: bool):
     from ..optim import RepOptAdamW, RepOptLion, RepOptSGD, param_groups
-    from ..scales import ScalesError, load_scales
+    from ..scales import ScalesError
     from ..search import hs_param_groups
 
     kwargs = {"sgd": dict(lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0),
@@ -174,11 +193,15 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, fresh: bool):
     if cfg.optimizer in ("sgd", "adamw"):
         kwargs["fused"] = True  # torch's fastest path on CPU and CUDA
     if cfg.method == "repopt":
+        from .ablations import scales_for, unmasked_repopt
+
         cls = {"sgd": RepOptSGD, "adamw": RepOptAdamW, "lion": RepOptLion}[cfg.optimizer]
-        scales = load_scales(cfg.scales)
+        scales = scales_for(cfg, model)
         try:
-            return cls.from_scales(model, scales, reinit=fresh, identity_init=cfg.identity_init,
-                                   force_reinit=cfg.force_reinit, weight_decay=cfg.weight_decay, **kwargs)
+            if cfg.mask:
+                return cls.from_scales(model, scales, reinit=fresh and cfg.reinit, identity_init=cfg.identity_init,
+                                       force_reinit=cfg.force_reinit, weight_decay=cfg.weight_decay, **kwargs)
+            unmasked_repopt(cfg, model, scales, fresh)  # then the plain optimizer below
         except ScalesError as e:  # name the file as well as the layer
             raise ScalesError(f"{cfg.scales} does not fit {cfg.arch}: {e}") from None
     groups = hs_param_groups(model, cfg.weight_decay) if cfg.method == "hs" else \
@@ -243,7 +266,7 @@ def _first_non_finite(model: nn.Module) -> str | None:
 def check_same_settings(saved: dict, cfg: TrainConfig, path: Path) -> None:
     """Refuse a run directory's file (checkpoint, result) written with other settings than `cfg` (RESUME_KEYS)."""
     for key in RESUME_KEYS:
-        if saved.get(key) != getattr(cfg, key):
+        if saved.get(key, RESUME_DEFAULTS.get(key)) != getattr(cfg, key):
             raise CheckpointError(f"{path} was written by a run with {key}={saved.get(key)!r}, but this command has "
                                   f"{key}={getattr(cfg, key)!r}; use another --out or the same settings to resume")
 
@@ -257,7 +280,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     cfg.validate()  # also resolves the recipe's defaults (lr from the per-256 base, wd, warmup)
     rank, world, device = dist.setup(resolve_device(cfg.device))
     try:
-        ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, **cfg.data_options)
+        ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, train_subset=cfg.train_subset,
+                          **cfg.data_options)
         cfg.num_classes, cfg.image_size = ds.num_classes, ds.image_size
         if cfg.batch_size % (world * cfg.accumulate):
             raise TrainingError(f"--batch-size {cfg.batch_size} must be divisible by world size x --accumulate = "
@@ -363,9 +387,11 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                     f"{(epoch + 1) * steps_per_epoch - 1}); stopped, {_kept(ckpt_path, epoch)} "
                                     f"(lower --lr?)")
             eval_model = ema.module if ema is not None else model
-            dist.sync_buffers(eval_model)
-            top1, test_loss = evaluate(eval_model, ds.test_batches(256, device=device, rank=rank, world_size=world),
-                                       device)
+            top1 = test_loss = None
+            if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+                dist.sync_buffers(eval_model)
+                top1, test_loss = evaluate(eval_model, ds.test_batches(256, device=device, rank=rank,
+                                                                       world_size=world), device)
             log.write({"epoch": epoch + 1, "lr": scheduler.get_last_lr()[0],
                        "train_loss": loss_sum / max(seen, 1), "train_top1": 100.0 * correct / max(seen, 1),
                        "test_loss": test_loss, "test_top1": top1, "epoch_seconds": epoch_seconds,
@@ -381,28 +407,35 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             dist.barrier()
             if not show and rank == 0 and not cfg.quiet:
                 note = f" ({skipped} steps skipped by the AMP GradScaler so far)" if skipped else ""
-                print(f"[{cfg.method}] epoch {epoch + 1}/{cfg.epochs} loss {loss_sum / max(seen, 1):.4f} "
-                      f"test top1 {top1:.2f}%{note}", flush=True)
+                tested = "" if top1 is None else f" test top1 {top1:.2f}%"
+                print(f"[{cfg.method}] epoch {epoch + 1}/{cfg.epochs} loss {loss_sum / max(seen, 1):.4f}"
+                      f"{tested}{note}", flush=True)
 
         final = ema.module if ema is not None else model
-        result = _finish(cfg, final, ds, device, out, train_seconds, skipped, steps_per_epoch, rank)
+        # the last epoch tested `final` already (unless the run was finished before this call): no second pass
+        last_top1 = top1 if start_epoch < cfg.epochs else None
+        result = _finish(cfg, final, ds, device, out, train_seconds, skipped, steps_per_epoch, rank, last_top1)
         dist.barrier()
         return result
     finally:
         dist.teardown()
 
 
-def _finish(cfg, model, ds, device, out: Path, train_seconds, skipped, steps_per_epoch, rank) -> dict[str, Any]:
+def _finish(cfg, model, ds, device, out: Path, train_seconds, skipped, steps_per_epoch, rank,
+            top1: float | None = None) -> dict[str, Any]:
     from ..models import reparameterize_model
     from ..quant.fold import fold_batchnorm
 
-    top1, _ = evaluate(model, ds.test_batches(256, device=device, rank=rank, world_size=dist.world_size()), device)
+    if top1 is None:
+        top1, _ = evaluate(model, ds.test_batches(256, device=device, rank=rank, world_size=dist.world_size()),
+                           device)
     # the network that ships: RepVGG blocks fused into one conv each, BN folded into the convs
     deployed = fold_batchnorm(reparameterize_model(model.eval()) if cfg.method == "repvgg" else model.eval())
     deployed_top1 = evaluate(deployed, ds.test_batches(256, device=device, rank=rank,
                                                        world_size=dist.world_size()), device)[0]
     images = cfg.epochs * steps_per_epoch * cfg.batch_size
-    result = {"method": cfg.method, "arch": cfg.arch, "dataset": cfg.dataset, "optimizer": cfg.optimizer,
+    result = {"method": cfg.method, "arch": cfg.arch, "dataset": cfg.dataset, "image_size": cfg.image_size,
+              "train_subset": cfg.train_subset, "optimizer": cfg.optimizer,
               "epochs": cfg.epochs, "top1": top1, "deployed_top1": deployed_top1,
               "train_seconds": train_seconds, "train_images_per_s": images / max(train_seconds, 1e-9),
               "params": sum(p.numel() for p in deployed.parameters()), "skipped_steps": skipped,

@@ -46,6 +46,9 @@ CONFIGS: dict[str, VGGConfig] = {
     # first block has an identity branch too.
     "repopt_vgg_tiny": VGGConfig(16, (16, 32, 64, 128), (1, 2, 2, 1), (1, 1, 2, 2, 2)),
     "repopt_vgg_small": VGGConfig(32, (32, 64, 128, 256), (2, 3, 3, 1), (1, 1, 2, 2, 2)),
+    # CPU preset for depth (not in the paper): the L family's 48 layers at half of B0's widths (multipliers 0.5, 0.5,
+    # 0.5, 2.5), about the compute of A0 (22 layers) at 28x28; the deepest net of docs/results.md
+    "repopt_vgg_l0": VGGConfig.from_multipliers(_L, (0.5, 0.5, 0.5, 2.5)),
 }
 
 

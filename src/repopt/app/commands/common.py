@@ -18,9 +18,13 @@ def add_training_arguments(p, out_default: str, epochs_default: int = 30, hs_epo
     add_recipe_argument(p)
     g = p.add_argument_group("data and model")
     g.add_argument("--dataset", default=None, choices=DATASETS,
-                   help="digits (embedded, default), cifar10, cifar100 or folder (ImageFolder train/ val/)")
-    g.add_argument("--data-dir", default=None, help="dataset root (cifar10/cifar100/folder)")
-    g.add_argument("--image-size", type=int, default=None, help="input size in pixels (default 32)")
+                   help="digits (embedded, default), cifar10, cifar100, folder (ImageFolder train/ val/), mnist or "
+                        "fashion-mnist (IDX files; fashion-mnist defaults to /usr/share/datasets/fashion-mnist)")
+    g.add_argument("--data-dir", default=None, help="dataset root (cifar10/cifar100/folder/mnist/fashion-mnist)")
+    g.add_argument("--image-size", type=int, default=None,
+                   help="input size in pixels (default: 16 digits, 28 mnist/fashion-mnist, 32 otherwise)")
+    g.add_argument("--train-subset", type=int, default=None, metavar="N",
+                   help="train on a fixed, class-balanced subset of N training images (the test split is whole)")
     g.add_argument("--arch", default=None, help="model name (default repopt_vgg_tiny; see `repopt train "
                                                 "--list-archs`), or timm:NAME for a timm model built fresh and made "
                                                 "plain by repopt.to_target (docs/timm.md)")
@@ -48,6 +52,8 @@ def add_training_arguments(p, out_default: str, epochs_default: int = 30, hs_epo
     g.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 + GradScaler on CUDA)")
     g.add_argument("--channels-last", action="store_true")
     g.add_argument("--ema", type=float, default=None, help="evaluate an EMA of the weights with this decay")
+    g.add_argument("--eval-every", type=int, default=1, metavar="N",
+                   help="test every N epochs and after the last (default 1)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default)")
     g.add_argument("--out", default=out_default, help=f"output directory (default {out_default}); re-running "
@@ -79,9 +85,10 @@ def config_from_args(args, method: str, out: str, epochs: int | None = None, **o
     settings, overridden = merge_preset(args.recipe, given)
     defaults = {**BUILTIN, "method": method, "epochs": args._epochs_default}
     settings = {**{k: v for k, v in defaults.items() if k not in settings}, **settings}
-    return TrainConfig(out=out, accumulate=args.accumulate, amp=args.amp, channels_last=args.channels_last,
-                       ema=args.ema, seed=args.seed, device=args.device, quiet=args.quiet, recipe=args.recipe,
-                       recipe_overrides=sorted(overridden), force_reinit=args.force_reinit, **settings)
+    return TrainConfig(out=out, train_subset=args.train_subset, accumulate=args.accumulate, amp=args.amp,
+                       channels_last=args.channels_last, ema=args.ema, eval_every=args.eval_every, seed=args.seed,
+                       device=args.device, quiet=args.quiet, recipe=args.recipe, recipe_overrides=sorted(overridden),
+                       force_reinit=args.force_reinit, **settings)
 
 
 def hs_epochs_of(args, cfg: TrainConfig) -> int:

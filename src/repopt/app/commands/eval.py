@@ -32,14 +32,14 @@ def run(args) -> int:
 
     if is_deployed_file(args.checkpoint):
         return _run_file(args)
-    from ..checkpoint import load_trained
-    from ...data import load_dataset, serving_options
+    from ..checkpoint import load_trained, run_data_options
+    from ...data import load_dataset
     from ..train import evaluate, resolve_device
 
     model, cfg = load_trained(args.checkpoint, deploy=args.deploy)
     dataset = args.dataset or cfg["dataset"]
     data_dir = args.data_dir if args.dataset else cfg.get("data_dir")
-    options = serving_options(cfg.get("data_options")) if dataset == cfg["dataset"] else {}
+    options = run_data_options(cfg) if dataset == cfg["dataset"] else {}
     ds = load_dataset(dataset, data_dir, cfg.get("image_size"), **options)
     if ds.num_classes != cfg["num_classes"]:
         from ..cli import UserError

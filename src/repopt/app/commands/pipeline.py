@@ -15,6 +15,7 @@ DEFAULT_EPOCHS = 12
 
 
 def add_arguments(p) -> None:
+    from ..ablations import add_ablation_arguments
     from ..train import OPTIMIZERS
     from .common import add_training_arguments
 
@@ -23,8 +24,11 @@ def add_arguments(p) -> None:
     p.add_argument("--int8-backend", default="torchao", choices=["torchao", "onnxruntime"],
                    help="INT8 column from torchao PT2E (default) or onnxruntime, which also writes "
                         "OUT/<method>/model.int8.onnx")
+    p.add_argument("--scales", default=None, help="use this scales file for the repopt row instead of searching "
+                                                  "(e.g. one searched on another dataset), or 'ones' (no search)")
     p.add_argument("--json", action="store_true", help="print report.json instead of the table")
     add_training_arguments(p, "runs/pipeline", epochs_default=DEFAULT_EPOCHS)
+    add_ablation_arguments(p)
 
 
 def run(args) -> int:
@@ -33,8 +37,9 @@ def run(args) -> int:
     from ..pipeline import report_markdown, run_pipeline
     from .common import config_from_args, hs_epochs_of
 
-    base = config_from_args(args, "repopt", args.out)
-    report = run_pipeline(base, hs_epochs_of(args, base), int8=not args.no_int8, int8_backend=args.int8_backend)
+    base = config_from_args(args, "repopt", args.out, reinit=not args.no_reinit, mask=not args.no_mask)
+    report = run_pipeline(base, hs_epochs_of(args, base), int8=not args.no_int8, int8_backend=args.int8_backend,
+                          scales=args.scales)
     print(json.dumps(report, indent=2) if args.json else report_markdown(report))
     if not args.json:
         print(f"written: {args.out}/report.json, {args.out}/report.md, {args.out}/curves.png")

@@ -68,11 +68,13 @@ def load_deployed(path):
 def dataset_for(args, cfg):
     """The dataset named on the command line, else the one the run was trained on, at the run's image size."""
     from ..cli import UserError
-    from ...data import load_dataset, serving_options
+    from ..checkpoint import run_data_options
+    from ...data import load_dataset
 
     name = args.dataset or cfg["dataset"]
     data_dir = args.data_dir or (cfg.get("data_dir") if name == cfg["dataset"] else None)
-    options = serving_options(cfg.get("data_options")) if name == cfg["dataset"] else {}
+    # calibrate on the images the run trained on (its training subset, if any)
+    options = run_data_options(cfg) if name == cfg["dataset"] else {}
     ds = load_dataset(name, data_dir, cfg.get("image_size"), **options)
     if ds.num_classes != cfg["num_classes"]:
         raise UserError(f"the model has {cfg['num_classes']} classes but {name} has {ds.num_classes}")

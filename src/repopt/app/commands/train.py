@@ -13,18 +13,21 @@ EXAMPLES = """examples:
   torchrun --standalone --nproc_per_node=2 -m repopt train --method plain --out runs/plain-ddp   # a free port
   torchrun --nproc_per_node=8 -m repopt train --recipe imagenet-repopt-vgg-b1 --scales RepOpt-VGG-B1-scales.pth \\
       --dataset folder --data-dir /imagenet --out runs/b1      # the paper's ImageNet recipe, streamed folder
+  repopt train --method repopt --scales runs/search/scales.safetensors --no-reinit   # ablation: masks only
 Re-running the same command with the same --out resumes from the last checkpoint.
 """
 
 
 def add_arguments(p) -> None:
+    from ..ablations import add_ablation_arguments
     from ..train import METHODS, OPTIMIZERS
     from .common import add_training_arguments
 
     p.add_argument("--method", default=None, choices=METHODS, help="default repopt (or the --recipe's)")
     p.add_argument("--optimizer", default="sgd", choices=OPTIMIZERS)
     p.add_argument("--scales", default=None, help="scales file (safetensors or a released .pth) for --method "
-                                                  "repopt; without it the hyper-search runs first")
+                                                  "repopt, or 'ones' (every scale 1, no search; an ablation); "
+                                                  "without it the hyper-search runs first")
     p.add_argument("--identity-init", default="searched", choices=["searched", "one"],
                    help="rule of initialization: searched identity scale (default) or 1 (the paper's formula)")
     p.add_argument("--grad-clip", type=float, default=None, help="global-norm gradient clipping (refused with "
@@ -32,6 +35,7 @@ def add_arguments(p) -> None:
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--list-archs", action="store_true", help="list the model names and exit")
     add_training_arguments(p, "runs/train")
+    add_ablation_arguments(p)
 
 
 def run(args) -> int:
@@ -44,7 +48,7 @@ def run(args) -> int:
         print("timm:NAME    any timm model (needs timm; docs/timm.md)")
         return 0
     cfg = config_from_args(args, "repopt", args.out, scales=args.scales, identity_init=args.identity_init,
-                           grad_clip=args.grad_clip)
+                           grad_clip=args.grad_clip, reinit=not args.no_reinit, mask=not args.no_mask)
     result = train_repopt(cfg, hs_epochs_of(args, cfg))
     if args.json:
         print(json.dumps(result, indent=2))

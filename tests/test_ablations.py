@@ -76,7 +76,8 @@ def test_resume_refuses_another_ablation(tmp_path):
 
 def test_pipeline_with_given_scales_skips_the_search(tmp_path):
     out = tmp_path / "p"
-    assert main(["pipeline", "--scales", "ones", "--no-reinit", "--epochs", "1", "--batch-size", "128",
+    assert main(["pipeline", "--arch", "repopt_vgg_tiny", "--scales", "ones", "--no-reinit", "--epochs", "1",
+                 "--batch-size", "128",
                  "--no-int8", "--quiet", "--out", str(out)]) == 0
     import json
 

@@ -150,7 +150,8 @@ def fmnist_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("fmnist")
     write_idx_dataset(root / "data" / "FashionMNIST" / "raw", n_train=48, n_test=16)
     out = root / "pipe"
-    assert main(["pipeline", "--dataset", "fashion-mnist", "--data-dir", str(root / "data"), "--epochs", "1",
+    assert main(["pipeline", "--arch", "repopt_vgg_tiny", "--dataset", "fashion-mnist", "--data-dir",
+                 str(root / "data"), "--epochs", "1",
                  "--hs-epochs", "1", "--batch-size", "16", "--train-subset", "32", "--no-int8", "--quiet",
                  "--out", str(out)]) == 0
     return root, out

@@ -123,7 +123,8 @@ def test_pipeline_on_a_cifar_format_directory(tmp_path):
 
     write_cifar(tmp_path / "data", "cifar10", style=2, per_file=40)
     out = tmp_path / "run"
-    code = main(["pipeline", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"), "--epochs", "1",
+    code = main(["pipeline", "--arch", "repopt_vgg_tiny", "--dataset", "cifar10", "--data-dir", str(tmp_path / "data"),
+                 "--epochs", "1",
                  "--hs-epochs", "1", "--batch-size", "32", "--no-int8", "--quiet", "--out", str(out)])
     assert code == 0
     report = json.loads((out / "report.json").read_text())
@@ -167,6 +168,41 @@ def test_hs_epochs_default_to_epochs_as_the_help_says(command, flags, hs_epochs,
     with pytest.raises(SystemExit):
         main([command, "--help"])
     assert "hyper-search epochs (default: --epochs)" in " ".join(capsys.readouterr().out.split())
+
+
+def _first_run(monkeypatch) -> list:
+    """Patch the trainer to record the first run's (resolved) config and stop there (the command exits 130)."""
+    import repopt.app.pipeline as pipeline
+    import repopt.app.runs as runs
+
+    started = []
+
+    def fake_train(cfg):
+        started.append(cfg.resolve())
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "train", fake_train)
+    monkeypatch.setattr(pipeline, "train", fake_train)
+    return started
+
+
+def test_the_demo_is_a0_for_6_epochs_at_the_papers_per_256_rate(tmp_path, monkeypatch):
+    """`repopt pipeline` with no arguments (the README's demo): repopt_vgg_a0 on the embedded digits, 6 epochs, the
+    hyper-search 6 epochs, lr 0.1 per 256 images = 0.025 at batch 64; a --recipe's arch still wins over the demo's."""
+    started = _first_run(monkeypatch)
+    assert main(["pipeline", "--quiet", "--out", str(tmp_path / "demo")]) == 130
+    hs = started.pop()
+    assert (hs.method, hs.arch, hs.dataset, hs.epochs, hs.batch_size) == ("hs", "repopt_vgg_a0", "digits", 6, 64)
+    assert main(["pipeline", "--scales", "ones", "--quiet", "--out", str(tmp_path / "ones")]) == 130
+    repopt = started.pop()  # no search: the first run is the repopt row, with the demo's recipe
+    assert (repopt.method, repopt.arch, repopt.epochs) == ("repopt", "repopt_vgg_a0", 6)
+    assert (repopt.lr, repopt.weight_decay, repopt.warmup_epochs) == (0.025, 4e-5, 0.25)
+    assert repopt.describe().startswith("sgd lr 0.025 (0.1 per 256 images x 64/256, linear scaling), weight decay "
+                                        "4e-05")
+    assert main(["pipeline", "--recipe", "imagenet-repopt-vgg-b1", "--quiet", "--out", str(tmp_path / "r")]) == 130
+    assert started.pop().arch == "repopt_vgg_b1"  # the recipe's, not the demo's (and not reported as overridden)
+    assert main(["train", "--quiet", "--out", str(tmp_path / "t")]) == 130
+    assert started.pop().arch == "repopt_vgg_tiny"  # train keeps its own default
 
 
 def test_search_has_no_hs_epochs_and_zero_is_refused(capsys, monkeypatch, tmp_path):

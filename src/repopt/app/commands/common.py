@@ -9,12 +9,14 @@ from ..train import TrainConfig
 BUILTIN = dict(arch="repopt_vgg_tiny", dataset="digits", batch_size=64, lr_base_size=256, label_smoothing=0.1)
 
 
-def add_training_arguments(p, out_default: str, epochs_default: int = 30, hs_epochs: bool = True) -> None:
-    """The data, model and training flags; `hs_epochs` for the commands that run a hyper-search before training."""
+def add_training_arguments(p, out_default: str, epochs_default: int = 30, hs_epochs: bool = True,
+                           arch_default: str = BUILTIN["arch"]) -> None:
+    """The data, model and training flags; `hs_epochs` for the commands that run a hyper-search before training.
+    `epochs_default` / `arch_default`: the command's own defaults, below a --recipe's values."""
     from ...data import DATASETS
     from .data_args import add_data_arguments, add_recipe_argument
 
-    p.set_defaults(_epochs_default=epochs_default)
+    p.set_defaults(_epochs_default=epochs_default, _arch_default=arch_default)
     add_recipe_argument(p)
     g = p.add_argument_group("data and model")
     g.add_argument("--dataset", default=None, choices=DATASETS,
@@ -25,7 +27,7 @@ def add_training_arguments(p, out_default: str, epochs_default: int = 30, hs_epo
                    help="input size in pixels (default: 16 digits, 28 mnist/fashion-mnist, 32 otherwise)")
     g.add_argument("--train-subset", type=int, default=None, metavar="N",
                    help="train on a fixed, class-balanced subset of N training images (the test split is whole)")
-    g.add_argument("--arch", default=None, help="model name (default repopt_vgg_tiny; see `repopt train "
+    g.add_argument("--arch", default=None, help=f"model name (default {arch_default}; see `repopt train "
                                                 "--list-archs`), or timm:NAME for a timm model built fresh and made "
                                                 "plain by repopt.to_target (docs/timm.md)")
     g.add_argument("--force-reinit", action="store_true", help="apply RepOpt's rule of initialization even where "
@@ -83,7 +85,7 @@ def config_from_args(args, method: str, out: str, epochs: int | None = None, **o
     if options:
         given["data_options"] = options
     settings, overridden = merge_preset(args.recipe, given)
-    defaults = {**BUILTIN, "method": method, "epochs": args._epochs_default}
+    defaults = {**BUILTIN, "method": method, "epochs": args._epochs_default, "arch": args._arch_default}
     settings = {**{k: v for k, v in defaults.items() if k not in settings}, **settings}
     return TrainConfig(out=out, train_subset=args.train_subset, accumulate=args.accumulate, amp=args.amp,
                        channels_last=args.channels_last, ema=args.ema, eval_every=args.eval_every, seed=args.seed,

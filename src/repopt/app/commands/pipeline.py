@@ -5,13 +5,17 @@ NAME = "pipeline"
 HELP = ("Hyper-search, then train RepOpt, RepVGG and plain with the same budget, evaluate, quantize to INT8 and "
         "write OUT/report.{json,md} and plots.")
 EXAMPLES = """examples:
-  repopt pipeline                                   # embedded digits, repopt_vgg_tiny, a few minutes on a laptop CPU
+  repopt pipeline                                   # the demo: embedded digits, repopt_vgg_a0, 6 epochs, ~3 min
+  repopt pipeline --dataset fashion-mnist --train-subset 10000 --epochs 5 --out runs/fmnist   # Debian's package
   repopt pipeline --dataset cifar10 --data-dir ~/data --arch repopt_vgg_small --epochs 40 --out runs/cifar10
   repopt pipeline --int8-backend onnxruntime        # also writes runs/pipeline/<method>/model.int8.onnx
 Re-running the same command resumes: finished stages are skipped, a stopped one continues from its checkpoint.
 """
 
-DEFAULT_EPOCHS = 12
+# The demo (no arguments): a 22-layer plain net, where the plain baseline lags and RepOpt matches RepVGG; on the
+# embedded digits, 6 epochs keep it within a few minutes on a 2-core CPU (docs/results.md, section "The demo").
+DEFAULT_ARCH = "repopt_vgg_a0"
+DEFAULT_EPOCHS = 6
 
 
 def add_arguments(p) -> None:
@@ -27,7 +31,7 @@ def add_arguments(p) -> None:
     p.add_argument("--scales", default=None, help="use this scales file for the repopt row instead of searching "
                                                   "(e.g. one searched on another dataset), or 'ones' (no search)")
     p.add_argument("--json", action="store_true", help="print report.json instead of the table")
-    add_training_arguments(p, "runs/pipeline", epochs_default=DEFAULT_EPOCHS)
+    add_training_arguments(p, "runs/pipeline", epochs_default=DEFAULT_EPOCHS, arch_default=DEFAULT_ARCH)
     add_ablation_arguments(p)
 
 

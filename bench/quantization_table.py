@@ -4,13 +4,13 @@ It runs, in this process, exactly the commands it prints (`repopt quantize ... -
 per-tensor, optionally with QAT; `repopt analyze ... --plot`), keeps their JSON in OUT/quantization-NAME.json and
 prints the markdown tables. Nothing here measures anything the commands do not print.
 
-    repopt pipeline --out runs/q --epochs 12 --hs-epochs 12
+    repopt pipeline --arch repopt_vgg_tiny --out runs/q --epochs 12 --hs-epochs 12
     python bench/quantization_table.py runs/q --name digits --qat-epochs 1 --threads 1 --out runs/q
 
 A CIFAR-format smoke run without internet (random images in the real pickle format; not an accuracy claim):
 
     python bench/quantization_table.py --write-synthetic-cifar data/synth --per-file 200
-    repopt pipeline --dataset cifar10 --data-dir data/synth --epochs 2 --hs-epochs 2 --out runs/synth
+    repopt pipeline --arch repopt_vgg_tiny --dataset cifar10 --data-dir data/synth --epochs 2 --hs-epochs 2 --out runs/synth
     python bench/quantization_table.py runs/synth --name synthetic-cifar10 --threads 1 --out runs/synth
 """
 from __future__ import annotations

@@ -87,3 +87,28 @@ def test_pipeline_with_given_scales_skips_the_search(tmp_path):
 
     assert load_checkpoint(out / "repopt" / "checkpoint.pt")["config"]["reinit"] is False
     assert load_checkpoint(out / "plain" / "checkpoint.pt")["config"]["reinit"] is True  # repopt row only
+
+
+@pytest.mark.parametrize("command", ["train", "pipeline"])
+@pytest.mark.parametrize("flag", ["--no-reinit", "--no-mask"])
+def test_the_search_before_an_ablation_is_a_plain_search(command, flag, tmp_path, monkeypatch):
+    """Without --scales the hyper-search runs first; the ablation is of the RepOpt run, not of its search (which
+    refused it: 'need --method repopt')."""
+    import repopt.app.pipeline as pipeline
+    import repopt.app.runs as runs
+
+    started = []
+
+    def validated(cfg):  # the trainer's checks, without the training
+        cfg.validate()
+        started.append(cfg)
+        if cfg.method != "hs":
+            raise KeyboardInterrupt  # the command exits 130
+        return {"top1": 0.0}
+
+    monkeypatch.setattr(runs, "train", validated)
+    monkeypatch.setattr(pipeline, "train", validated)
+    assert main([command, flag, "--arch", "repopt_vgg_tiny", "--quiet", "--out", str(tmp_path)]) == 130
+    hs, repopt = started
+    assert (hs.method, hs.reinit, hs.mask) == ("hs", True, True)
+    assert repopt.method == "repopt" and (repopt.reinit, repopt.mask) == (flag != "--no-reinit", flag != "--no-mask")

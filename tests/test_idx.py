@@ -2,6 +2,7 @@
 (one sentence naming the file), the fixed training subset, and the datasets through every command."""
 from __future__ import annotations
 
+import argparse
 import gzip
 import importlib.util
 import json
@@ -143,6 +144,16 @@ def test_train_subset_is_fixed_balanced_and_keeps_the_test_split(tmp_path):
         load_dataset("fashion-mnist", data_dir=tmp_path, train_subset=0)
 
 
+def test_train_subset_of_a_streamed_folder_is_refused(tmp_path):
+    from formats import write_jpeg_folder
+
+    write_jpeg_folder(tmp_path, per_class=2, val_per_class=1)
+    with pytest.raises(DataError) as e:  # its images are files decoded per epoch, not tensors to pick from
+        load_dataset("folder", tmp_path, 16, loader="stream", workers=0, train_subset=3)
+    _one_sentence(e, str(tmp_path), "streamed from disk", "--loader memory")
+    assert load_dataset("folder", tmp_path, 16, loader="memory", train_subset=3).num_train == 3
+
+
 # -- through every command --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fmnist_run(tmp_path_factory):
@@ -150,11 +161,13 @@ def fmnist_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("fmnist")
     write_idx_dataset(root / "data" / "FashionMNIST" / "raw", n_train=48, n_test=16)
     out = root / "pipe"
-    assert main(["pipeline", "--arch", "repopt_vgg_tiny", "--dataset", "fashion-mnist", "--data-dir",
-                 str(root / "data"), "--epochs", "1",
-                 "--hs-epochs", "1", "--batch-size", "16", "--train-subset", "32", "--no-int8", "--quiet",
-                 "--out", str(out)]) == 0
+    assert main(PIPELINE + ["--data-dir", str(root / "data"), "--out", str(out)]) == 0
     return root, out
+
+
+# 10 px files served at their stored size, a training subset of 32 of the 48 images
+PIPELINE = ["pipeline", "--arch", "repopt_vgg_tiny", "--dataset", "fashion-mnist", "--epochs", "1", "--hs-epochs", "1",
+            "--batch-size", "16", "--train-subset", "32", "--no-int8", "--quiet"]
 
 
 def test_pipeline_train_search_eval_on_fashion_mnist(fmnist_run, capsys):
@@ -162,6 +175,11 @@ def test_pipeline_train_search_eval_on_fashion_mnist(fmnist_run, capsys):
     report = json.loads((out / "report.json").read_text())
     assert report["dataset"] == "fashion-mnist" and report["train_subset"] == 32 and report["image_size"] == 10
     assert [r["method"] for r in report["results"]] == ["repopt", "repvgg", "plain"]
+    finished = {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")}
+    # the same command again skips every finished stage (the size recorded is the files' 10, not the default 28)
+    assert main(PIPELINE + ["--data-dir", str(root / "data"), "--out", str(out)]) == 0, capsys.readouterr().err
+    assert len(finished) == 4 and finished == {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")}
+    capsys.readouterr()
     assert main(["eval", str(out / "repopt"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["dataset"] == "fashion-mnist"
     assert main(["search", "--dataset", "fashion-mnist", "--data-dir", str(root / "data"), "--epochs", "1",
@@ -183,7 +201,31 @@ def test_analyze_quantize_export_on_fashion_mnist(fmnist_run, capsys, tmp_path):
         assert q["settings"]["per_channel"] is False and 0 <= q["int8_top1"] <= 100
     if HAS_ONNX:
         assert main(["export", str(out / "plain"), "-o", str(tmp_path / "m.onnx")]) == 0
-        assert (tmp_path / "m.onnx").is_file()
+        capsys.readouterr()
+        assert main(["eval", str(tmp_path / "m.onnx"), "--json"]) == 0
+        onnx_eval = json.loads(capsys.readouterr().out)
+        assert main(["eval", str(out / "plain"), "--deploy", "--json"]) == 0
+        run_eval = json.loads(capsys.readouterr().out)
+        assert onnx_eval["dataset"] == "fashion-mnist" and onnx_eval["top1"] == pytest.approx(run_eval["top1"])
+        # INT8: calibrated on the run's own training subset (32 images), not the whole 48-image split
+        assert main(["export", str(out / "plain"), "--int8", "-o", str(tmp_path / "q.onnx"), "--calib-batches", "8",
+                     "--batch-size", "16", "--repeats", "1", "--json"]) == 0
+        q = json.loads(capsys.readouterr().out)
+        assert q["calibration"]["images"] == 32 and q["test"]["dataset"] == "fashion-mnist"
+
+
+def test_calibration_reads_the_runs_training_subset(fmnist_run):
+    from repopt.app.checkpoint import run_data_options
+    from repopt.app.commands.quantize import dataset_for
+
+    _, out = fmnist_run
+    cfg = json.loads((out / "plain" / "result.json").read_text())["config"]
+    assert run_data_options(cfg) == {"train_subset": 32}
+    ds = dataset_for(argparse.Namespace(dataset=None, data_dir=None), cfg)  # quantize, export --int8, pipeline
+    assert ds.num_train == 32 and ds.num_test == 16
+    # another dataset named on the command line is not the run's: none of the run's options
+    other = dataset_for(argparse.Namespace(dataset="mnist", data_dir=f"{cfg['data_dir']}/FashionMNIST/raw"), cfg)
+    assert other.num_train == 48
 
 
 def test_commands_name_a_bad_idx_file(tmp_path, capsys):

@@ -40,17 +40,19 @@ def finished_result(cfg: TrainConfig) -> dict | None:
         if not cfg.quiet:
             print(f"[{cfg.method}] {path} {why}: the run counts as unfinished", flush=True)
         return None
-    check_same_settings(result["config"], _as_recorded(cfg), path)
+    check_same_settings(result["config"], _as_recorded(cfg, result["config"]), path)
     return result
 
 
-def _as_recorded(cfg: TrainConfig) -> TrainConfig:
-    """`cfg` with the defaults a run fills in before it records its settings (the recipe, the image size)."""
-    from ..data import DEFAULT_IMAGE_SIZE
+def _as_recorded(cfg: TrainConfig, saved: dict) -> TrainConfig:
+    """`cfg` with the defaults a run fills in before it records its settings (the recipe, the image size; a dataset
+    served at its stored size recorded the size of its files, which only reading them would tell)."""
+    from ..data import DEFAULT_IMAGE_SIZE, SERVED_AS_STORED
 
     cfg = dataclasses.replace(cfg).resolve()
     if cfg.image_size is None:
-        cfg.image_size = DEFAULT_IMAGE_SIZE.get(cfg.dataset)
+        cfg.image_size = saved.get("image_size") if cfg.dataset in SERVED_AS_STORED else \
+            DEFAULT_IMAGE_SIZE.get(cfg.dataset)
     return cfg
 
 

@@ -16,6 +16,7 @@ DATASETS = ("digits", "cifar10", "cifar100", "folder", "mnist", "fashion-mnist")
 # digits are 8x8 originals: 16x16 keeps every detail at a quarter of the compute of 32x32; (Fashion-)MNIST are served
 # at their stored 28x28, which five stride-2 stages still reduce to 1x1 (28 -> 14 -> 7 -> 4 -> 2 -> 1)
 DEFAULT_IMAGE_SIZE = {"digits": 16, "cifar10": 32, "cifar100": 32, "folder": 32, "mnist": 28, "fashion-mnist": 28}
+SERVED_AS_STORED = ("mnist", "fashion-mnist")  # without image_size: the size of the files (28 for the real ones)
 
 
 def load_dataset(name: str, data_dir=None, image_size: int | None = None, *, train_subset: int | None = None,
@@ -44,9 +45,7 @@ def load_dataset(name: str, data_dir=None, image_size: int | None = None, *, tra
 def _load(name, data_dir, image_size, folder_options):
     if name not in DATASETS:
         raise DataError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}.")
-    if name in ("mnist", "fashion-mnist") and image_size is None:
-        pass  # served at the stored side (28 for the real files; DEFAULT_IMAGE_SIZE)
-    elif image_size is None:
+    if image_size is None and name not in SERVED_AS_STORED:
         image_size = DEFAULT_IMAGE_SIZE[name]
     if image_size is not None and (isinstance(image_size, bool) or not isinstance(image_size, int)
                                    or image_size < 1):
@@ -59,7 +58,7 @@ def _load(name, data_dir, image_size, folder_options):
             raise DataError(f"the digits dataset is embedded in repopt and takes no data_dir (got {data_dir}).")
         from .digits import load_digits
         return load_digits(image_size)
-    if name in ("mnist", "fashion-mnist"):
+    if name in SERVED_AS_STORED:
         from .idx import load_idx
         return load_idx(name, data_dir, image_size)
     if name == "folder":

@@ -61,3 +61,17 @@ def test_tables_read_the_runs(tmp_path, capsys):
     assert f"| {fmnist.DEEPEST} | repvgg | 89.00 / 91.50 / 90.00 | 90.17 ± 0.73 | +0.83 ± 0.73 (2/0/1) |" in out
     assert "| all scales 1 (no search) | 89.00 / 90.00 / 91.00 | 90.00 ± 0.58 | +1.00 ± 0.00 (3/0/0) | 77.59 |" in out
     assert "| masks, no re-initialisation | - / - / - | - | - | 77.42 |" in out  # not run yet
+
+
+def test_learning_rate_table_pairs_the_old_rate_with_the_recipe(tmp_path, capsys):
+    for s, (a, b) in zip(fmnist.SEEDS, [(90.0, 89.0), (91.0, 91.5), (92.0, 90.0)]):
+        _report(tmp_path / "depth" / fmnist.DEEPEST / f"s{s}", s, {"repopt": a, "repvgg": b, "plain": 10.0}, 50.0)
+        for method, top1 in (("repopt", a - 10), ("repvgg", b - 1)):
+            run = tmp_path / "lr" / f"{method}-lr{fmnist.OLD_LR}" / f"s{s}"
+            run.mkdir(parents=True)
+            (run / "result.json").write_text(json.dumps({"top1": top1}))
+    tables.learning_rate(tmp_path)
+    out = capsys.readouterr().out
+    assert "| repopt | 0.025 | 90.00 / 91.00 / 92.00 | 91.00 ± 0.58 | +0.83 ± 0.73 (2/0/1) |" in out
+    assert "| repopt | 0.1 | 80.00 / 81.00 / 82.00 | 81.00 ± 0.58 | -8.17 ± 0.73 (0/0/3) |" in out
+    assert "repopt: lr 0.025 - lr 0.1, paired by seed: +10.00 ± 0.00 (3/0/0)" in out

@@ -13,6 +13,7 @@ results (the deepest net) come first. Sizes (SIZES) are what a shared 2-core CPU
   transfer/sS        scales searched on the embedded digits, RepOpt trained on Fashion-MNIST              (exp. 3)
   int8/NET/sS/M-Q    `repopt quantize` per-channel and per-tensor; analyze/NET/sS.json: Table 11 stats    (exp. 4)
   optim/OPT-M/sS     AdamW and Lion with the same scales (repopt), and the baselines with them            (exp. 5)
+  lr/M-lr0.1/sS      repopt and repvgg at the earlier default lr 0.1 at batch 64 (4x the paper's rate)    (the recipe)
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ SIZES = {  # one recipe for every method: recipes.py defaults (0.1 per 256 image
     "digits_hs_epochs": 35,
 }
 METHODS = ("repopt", "repvgg", "plain")
+OLD_LR = 0.1  # repopt's default before the paper's per-256 recipe: 0.1 at any batch
 
 
 def common_args() -> list[str]:
@@ -86,6 +88,12 @@ def jobs(root: Path) -> list[Job]:
                 out.append(Job(d, ["train", "--method", "repopt", "--optimizer", opt, "--arch", net, *common_args(),
                                    "--scales", r(scales), "--seed", str(s), "--out", r(d)], f"{d}/result.json",
                                [scales]))
+        for s in SEEDS:  # the recipe: the earlier default (lr 0.1 absolute at batch 64), everything else equal
+            scales = f"depth/{net}/s{s}/search/scales.safetensors"
+            for method, extra, needs in (("repopt", ["--scales", r(scales)], [scales]), ("repvgg", [], [])):
+                d = f"lr/{method}-lr{OLD_LR}/s{s}"
+                out.append(Job(d, ["train", "--method", method, "--arch", net, *common_args(), *extra, "--lr",
+                                   str(OLD_LR), "--seed", str(s), "--out", r(d)], f"{d}/result.json", needs))
         out += _int8_jobs(root, net)
     for net in NETS[1:]:
         out += _int8_jobs(root, net)

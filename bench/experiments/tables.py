@@ -1,4 +1,4 @@
-"""The five tables of docs/results.md, printed from the files the runs of bench/experiments/fmnist.py wrote
+"""The six tables of docs/results.md, printed from the files the runs of bench/experiments/fmnist.py wrote
 (report.json / result.json / the JSON of `repopt quantize` and `repopt analyze`); nothing is typed by hand.
 
     python bench/experiments/tables.py --root runs/fmnist            # all tables; runs not done yet show as '-'
@@ -17,7 +17,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]  # fmnist.py (the run list and sizes), bench/stats.py
 
-from fmnist import DEEPEST, METHODS, NETS, SEEDS, SIZES  # noqa: E402
+from fmnist import DEEPEST, METHODS, NETS, OLD_LR, SEEDS, SIZES  # noqa: E402
 from stats import mean_se, paired, paired_cell  # noqa: E402
 
 PAPER_TABLE4 = {"RepOpt (full)": 78.47, "masks, no re-initialisation": 77.42, "re-initialisation, no masks": 77.07,
@@ -163,17 +163,37 @@ def optimizers(root: Path) -> None:
     print()
 
 
+def learning_rate(root: Path) -> None:
+    lr = 0.1 * SIZES["batch_size"] / 256  # the recipe's: 0.1 per 256 images, linear scaling
+    print(f"## 6. The learning rate on {DEEPEST}: the paper's ({lr:g} at batch {SIZES['batch_size']}) vs {OLD_LR:g}\n")
+    print(f"| method | peak lr | top-1 per seed {', '.join(map(str, SEEDS))} (%) | mean ± s.e. (%) | paired: "
+          f"repopt - repvgg |")
+    print("|---|---|---|---|---|")
+    values = {}
+    for label, runs in ((f"{lr:g}", lambda m: [_method_top1(_pipeline(root, DEEPEST, s), m) for s in SEEDS]),
+                        (f"{OLD_LR:g}", lambda m: [_top1(root / "lr" / f"{m}-lr{OLD_LR}" / f"s{s}") for s in SEEDS])):
+        for method in ("repopt", "repvgg"):
+            values[label, method] = runs(method)
+        diff = _paired_or_dash(values[label, "repopt"], values[label, "repvgg"])
+        print(_row(f"repopt | {label}", values[label, "repopt"], [diff]))
+        print(_row(f"repvgg | {label}", values[label, "repvgg"], [""]))
+    for method in ("repopt", "repvgg"):
+        cell = _paired_or_dash(values[f"{lr:g}", method], values[f"{OLD_LR:g}", method])
+        print(f"\n{method}: lr {lr:g} - lr {OLD_LR:g}, paired by seed: {cell}", end="")
+    print("\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--root", default="runs/fmnist")
-    ap.add_argument("--only", type=int, choices=range(1, 6), default=None, help="print only table N")
+    ap.add_argument("--only", type=int, choices=range(1, 7), default=None, help="print only table N")
     args = ap.parse_args()
     root = Path(args.root)
     s = SIZES
     print(f"Fashion-MNIST, training subset {s['train_subset']} of 60,000 (class-balanced, fixed), full 10,000-image "
           f"test set, 28x28, {s['epochs']} epochs (hyper-search {s['hs_epochs']}), batch {s['batch_size']}, the "
           f"recipe of app/recipes.py for every method; seeds {', '.join(map(str, SEEDS))}.\n")
-    for n, table in enumerate((depth, ablations, transfer, int8, optimizers), start=1):
+    for n, table in enumerate((depth, ablations, transfer, int8, optimizers, learning_rate), start=1):
         if args.only in (None, n):
             table(root)
 

@@ -1,5 +1,5 @@
 """Top-1 of `repopt train` / `repopt pipeline` runs grouped by method and learning rate, one column per seed (the
-learning-rate sweep of docs/results.md section 3c).
+learning-rate sweep of docs/results.md section 9c).
 
     python bench/lr_table.py runs/long0 runs/long1 runs/sweep/repopt-lr0.05-s0 ...
 

@@ -12,6 +12,7 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 sys.path[:0] = [str(BENCH), str(BENCH / "experiments")]
 
 import fmnist  # noqa: E402
+import plots  # noqa: E402
 import stats  # noqa: E402
 import tables  # noqa: E402
 
@@ -75,3 +76,15 @@ def test_learning_rate_table_pairs_the_old_rate_with_the_recipe(tmp_path, capsys
     assert "| repopt | 0.025 | 90.00 / 91.00 / 92.00 | 91.00 ± 0.58 | +0.83 ± 0.73 (2/0/1) |" in out
     assert "| repopt | 0.1 | 80.00 / 81.00 / 82.00 | 81.00 ± 0.58 | -8.17 ± 0.73 (0/0/3) |" in out
     assert "repopt: lr 0.025 - lr 0.1, paired by seed: +10.00 ± 0.00 (3/0/0)" in out
+
+
+def test_figure_points_come_from_the_run_files(tmp_path):
+    for s, (a, b) in zip(fmnist.SEEDS, [(90.0, 89.0), (91.0, 91.5), (92.0, 90.0)]):
+        _report(tmp_path / "depth" / "repopt_vgg_a0" / f"s{s}", s, {"repopt": a, "repvgg": b, "plain": 50.0}, 80.0)
+        q = tmp_path / "int8" / "repopt_vgg_a0" / f"s{s}"
+        q.mkdir(parents=True)
+        (q / "repvgg-per-tensor.json").write_text(json.dumps({"fp32_top1": b, "int8_top1": b - 2.0 - s}))
+    depth = plots.depth_points(tmp_path)
+    assert depth["repopt"] == [(22, 91.0, pytest.approx(0.57735, abs=1e-5))] and depth["plain"][0][1:] == (50.0, 0.0)
+    drops = plots.int8_drops(tmp_path)
+    assert drops["repvgg"] == [(22, 3.0, pytest.approx(0.57735, abs=1e-5))] and drops["repopt"] == []

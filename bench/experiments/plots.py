@@ -60,13 +60,12 @@ def draw(root: Path, out: Path) -> None:
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
     width = 1.6
+    depth, int8 = depth_points(root), int8_drops(root)
     for i, method in enumerate(METHODS):
-        pts = depth_points(root)[method]
-        if pts:
-            x, y, e = zip(*pts)
+        if depth[method]:
+            x, y, e = zip(*depth[method])
             left.errorbar(x, y, yerr=e, marker="o", capsize=3, label=method, color=COLOURS[method])
-        drops = int8_drops(root)[method]
-        if drops:
+        if drops := int8[method]:
             x, y, e = zip(*drops)
             right.bar([v + (i - 1) * width for v in x], y, width=width, yerr=e, capsize=2, label=method,
                       color=COLOURS[method])

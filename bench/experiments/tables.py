@@ -20,6 +20,8 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]  # fmnist.py (the run list and size
 from fmnist import DEEPEST, METHODS, NETS, OLD_LR, SEEDS, SIZES  # noqa: E402
 from stats import mean_se, paired, paired_cell  # noqa: E402
 
+from repopt.app.recipes import DEFAULTS, scaled_lr  # noqa: E402
+
 PAPER_TABLE4 = {"RepOpt (full)": 78.47, "masks, no re-initialisation": 77.42, "re-initialisation, no masks": 77.07,
                 "all scales 1 (no search)": 77.59, "plain SGD": 76.91}  # RepOpt-VGG-B1, ImageNet (paper Table 4)
 
@@ -164,7 +166,8 @@ def optimizers(root: Path) -> None:
 
 
 def learning_rate(root: Path) -> None:
-    lr = 0.1 * SIZES["batch_size"] / 256  # the recipe's: 0.1 per 256 images, linear scaling
+    sgd = DEFAULTS["sgd"]
+    lr = scaled_lr(sgd.lr_base, SIZES["batch_size"], sgd.scaling)  # what the depth runs used
     print(f"## 6. The learning rate on {DEEPEST}: the paper's ({lr:g} at batch {SIZES['batch_size']}) vs {OLD_LR:g}\n")
     print(f"| method | peak lr | top-1 per seed {', '.join(map(str, SEEDS))} (%) | mean ± s.e. (%) | paired: "
           f"repopt - repvgg |")

@@ -65,6 +65,39 @@ def test_a_library_others_could_have_planted_is_never_loaded(fresh, tmp_path, wh
     assert any(private.glob("repopt_kernels-*.so"))
 
 
+@pytest.mark.parametrize("mode,trusted", [(0o777, False), (0o775, False), (0o1777, True), (0o755, True)],
+                         ids=["open parent", "group-writable parent", "sticky parent like /tmp", "private parent"])
+def test_a_cache_under_a_directory_others_may_write_is_not_trusted(fresh, monkeypatch, tmp_path, mode, trusted):
+    """Whoever may write a directory above the cache can rename the cache away and put another tree in its place
+    between the check and the load; a sticky directory (/tmp) forbids renaming what others own."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+    monkeypatch.setenv("REPOPT_CACHE_DIR", str(shared / "repopt"))
+    if trusted:
+        assert native._build().parent == shared / "repopt"
+        return
+    with pytest.warns(RuntimeWarning, match=f"lies under {shared}, which other users may write"):
+        built = native._build()
+    assert built.parent == tmp_path / "tmp" / f"repopt-{os.getuid()}"
+
+
+def test_a_link_to_the_cache_is_judged_by_both_paths(tmp_path):
+    """A link is checked where it lies and where it points: either parent could swap the target."""
+    private, shared = tmp_path / "private", tmp_path / "shared"
+    private.mkdir(mode=0o700)
+    shared.mkdir()
+    shared.chmod(0o777)
+    (private / "cache").mkdir(mode=0o700)
+    (shared / "link").symlink_to(private / "cache")
+    (private / "link").symlink_to(private / "cache")
+    assert kernel_cache.unsafe_reason(private / "link", directory=True) is None
+    assert "lies under" in kernel_cache.unsafe_reason(shared / "link", directory=True)
+    (shared / "cache").mkdir(mode=0o700)
+    (private / "to-shared").symlink_to(shared / "cache")
+    assert "lies under" in kernel_cache.unsafe_reason(private / "to-shared", directory=True)
+
+
 def test_the_compiler_command_may_be_several_words(fresh, monkeypatch):
     monkeypatch.setenv("CC", "env gcc")  # as CC="ccache gcc": a wrapper, then the compiler
     assert native._compiler() == ["env", "gcc"]

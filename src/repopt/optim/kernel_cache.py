@@ -2,7 +2,9 @@
 
 A shared library is code: whoever can write the file, or the directory that holds it, decides what runs when it is
 loaded (its constructors run on load). So a cached library is loaded only when the directory and the file are owned
-by this user and writable by nobody else; otherwise the kernels are built into a private directory (mode 0700 in the
+by this user and writable by nobody else, and every directory above it is owned by this user or root and writable by
+nobody else unless it is sticky like /tmp (else whoever can write there could swap the whole tree between the check
+and the load); otherwise the kernels are built into a private directory (mode 0700 in the
 system's temp dir) and a warning says so, once per process. The file name hashes everything the binary depends on:
 the sources, the compiler command as given ($CC may be several words, e.g. "ccache gcc"), its version and target
 triple (`-dumpmachine`), and the flags. When the OpenMP build fails and the plain one works, a marker beside the cache
@@ -57,6 +59,23 @@ def unsafe_reason(path: Path, directory: bool) -> str | None:
         return "is owned by another user"
     if st.st_mode & 0o022:
         return "is writable by other users"
+    if directory:
+        return _ancestors_reason(path)
+    return None
+
+
+def _ancestors_reason(path: Path) -> str | None:
+    """Why a directory above `path` (as given, and with links resolved) lets another user replace it; None if none."""
+    given = Path(os.path.abspath(path))
+    for above in dict.fromkeys([*given.parents, *Path(os.path.realpath(path)).parents]):
+        try:
+            st = os.stat(above)
+        except OSError as e:
+            return f"lies under {above}, which cannot be inspected ({e.strerror})"
+        if st.st_uid not in (0, os.getuid()):
+            return f"lies under {above}, which is owned by another user"
+        if st.st_mode & 0o022 and not st.st_mode & stat.S_ISVTX:
+            return f"lies under {above}, which other users may write (and it is not sticky like /tmp)"
     return None
 
 

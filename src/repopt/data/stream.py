@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Sampler, get_worker_info
 
 from .dataset import Dataset, _epoch_seed, _resolve_device, _shard
 from .errors import DataError
-from .imagefiles import FileList, open_rgb
+from .imagefiles import FileList, fast_jpeg_decoder, open_rgb
 from .transforms import IMAGENET_MEAN, IMAGENET_STD, EvalTransform, train_transform
 
 SLOT_BYTES = 1024        # per worker: "pid path" of the file it is decoding
@@ -159,6 +159,7 @@ class StreamedFolder:
         self.skip_bad, self.timeout, self.prefetch = bool(skip_bad), float(timeout), int(prefetch)
         self.transforms = {"train": train_transform(self.image_size, policy, backend),
                            "eval": EvalTransform(self.image_size, self.eval_resize, backend)}
+        fast_jpeg_decoder()  # a bad REPOPT_JPEG_DECODER is refused here, not blamed on a file in a worker
         self.skipped: dict[str, int] = {"train": 0, "val": 0}
         self._log = log or (lambda msg: print(msg, file=sys.stderr, flush=True))
         self._loaders: dict[tuple, tuple[DataLoader, _Batches, _InFlight]] = {}

@@ -1,13 +1,13 @@
-"""Would a faster JPEG decoder speed up the streamed loader? Pillow, as repopt.data.imagefiles.open_rgb decodes a file
-in every DataLoader worker, against simplejpeg (libjpeg-turbo called directly) two ways: handing the transforms the
-same Pillow image (decode + Image.fromarray: what a drop-in fast path would have to do) and the bare array (an upper
-bound: it would need transforms that take arrays, and Pillow's resize would no longer define the pixels); and a whole
-training worker's work per image (decode + RandomResizedCrop(224) + flip + raug15) with either decoder. Same files,
-alternating file by file so all see the same machine load; CPU time of this process per image, median of --repeats
-passes; and whether the pixels are identical.
+"""What the `jpeg` extra (simplejpeg, libjpeg-turbo called directly) buys the streamed loader. Timed side by side:
+repopt.data.imagefiles.open_rgb (one file to an RGB Pillow image, what every DataLoader worker calls) with Pillow's
+decoder and with the fast one; simplejpeg alone, handing over a Pillow image (open_rgb's fast path without its
+checks) and the bare array (an upper bound: it would need transforms that take arrays, and Pillow's resize would no
+longer define the pixels); and a whole training worker's work per image (decode + RandomResizedCrop(224) + flip +
+raug15) with either decoder. Same files, alternating file by file so all see the same machine load; CPU time of this
+process per image, median of --repeats passes; and whether the pixels are identical.
 
     python bench/jpeg_folder.py /tmp/inet --classes 8 --per-class 40 --val-per-class 10
-    pip install simplejpeg        # not a dependency of repopt; only this benchmark needs it
+    pip install -e ".[jpeg]"
     python bench/jpeg_decoders.py /tmp/inet --files 120
 
 simplejpeg is asked for Pillow's defaults (accurate integer DCT, smooth chroma upsampling), so the pixels can match;
@@ -40,7 +40,7 @@ def main() -> int:
     try:
         import simplejpeg
     except ImportError:
-        print("simplejpeg is not installed: pip install simplejpeg", file=sys.stderr)
+        print("simplejpeg is not installed: pip install -e '.[jpeg]'", file=sys.stderr)
         return 2
     Image = require_pillow()
     torch.set_num_threads(1)  # as in a DataLoader worker
@@ -77,8 +77,8 @@ def main() -> int:
     for _ in range(args.repeats):
         spent = dict.fromkeys(ways, 0.0)
         order = list(ways.items())
-        for i, path in enumerate(files):  # alternate file by file, the first to touch a file rotating (it pays the
-            for name, decode in order[i % len(order):] + order[:i % len(order)]:  # cache misses): every way sees the same load
+        for i, path in enumerate(files):  # file by file; who touches a file first (and pays its cache misses) rotates
+            for name, decode in order[i % len(order):] + order[:i % len(order)]:
                 t = time.process_time()
                 decode(path)
                 spent[name] += time.process_time() - t

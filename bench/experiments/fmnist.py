@@ -153,8 +153,10 @@ def _finish(proc: subprocess.Popen, root: Path) -> bool:
     return ok
 
 
-def run(root: Path, parallel: int, only: str | None) -> int:
-    todo = [j for j in jobs(root) if not (root / j.done).exists() and (only is None or j.name.startswith(only))]
+def run(root: Path, parallel: int, only: str | None, all_jobs: list[Job] | None = None) -> int:
+    """Run `all_jobs` (default: this study's) that are not done, `parallel` at a time, in their order."""
+    all_jobs = jobs(root) if all_jobs is None else all_jobs
+    todo = [j for j in all_jobs if not (root / j.done).exists() and (only is None or j.name.startswith(only))]
     running: list[subprocess.Popen] = []
     failed: list[str] = []
     print(f"{len(todo)} runs to do under {root}, {parallel} at a time", flush=True)

@@ -39,6 +39,19 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     return (UserError, ScalesError, BranchError, ReinitError, CheckpointError, DataError, TrainingError, OSError)
 
 
+class CommandImportError(ImportError):
+    """A command module of COMMANDS failed to import: the installation is broken, never a command to hide."""
+
+
+def _import_command(name: str):
+    module = f"{__package__}.commands.{name}"
+    try:
+        return importlib.import_module(module)
+    except Exception as e:  # an import error, but also a SyntaxError or an error raised at import time
+        raise CommandImportError(f"the command module {module} failed to import ({type(e).__name__}: {e}); every "
+                                 f"command of `repopt` needs it, so the installation is broken") from e
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="repopt", description="Gradient re-parameterization (RepOptimizer) for "
                                      "PyTorch: train a plain conv net with the accuracy of a multi-branch one.")
@@ -47,12 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"repopt {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
-        try:
-            mod = importlib.import_module(f".commands.{name}", __package__)
-        except ModuleNotFoundError as e:
-            if e.name and e.name.endswith(f"commands.{name}"):
-                continue  # not built yet
-            raise
+        mod = _import_command(name)
         p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP, epilog=mod.EXAMPLES,
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         mod.add_arguments(p)
@@ -61,7 +69,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    try:
+        parser = build_parser()
+    except CommandImportError as e:
+        import traceback
+
+        traceback.print_exception(e.__cause__, file=sys.stderr)  # where in the module it broke
+        print(f"repopt: error: {e}", file=sys.stderr)
+        return 1
     args = parser.parse_args(argv)
     if not getattr(args, "_run", None):
         parser.print_help()

@@ -9,6 +9,8 @@ import dataclasses
 from pathlib import Path
 
 from .._io import write_json, write_text
+from .checkpoint import mode_of
+from .cli import UserError
 from .metrics import plot_curves
 from .runs import finished_result, hs_config, search_scales
 from .train import TrainConfig, train
@@ -41,18 +43,37 @@ def int8_column(run_dir: Path, calib_batches: int = 8, quiet: bool = True, backe
     return {"int8_top1": evaluate_top1(int8, ds.test_batches(64)), "int8_settings": settings.to_dict()}
 
 
+def plan_methods(arch: str, methods=METHODS, searches: bool = True) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The methods the pipeline can run on `arch`, checked against the modes the model builds before any stage
+    starts (a hyper-search of an hour must not end in "unknown mode"), and {skipped method: the one line saying
+    why}. A model without a multi-branch training form (RepOpt-GhostNet here: its counterpart RepGhostNet is not
+    built by repopt; a timm model without blocks repopt fuses) has no repvgg row; one without an HS form cannot be
+    searched, which is refused."""
+    from ..models.registry import supported_modes
+
+    try:
+        modes = supported_modes(arch)
+    except ValueError as e:  # unknown name: one sentence, before anything runs
+        raise UserError(str(e)) from None
+    if searches and "hs" not in modes:
+        raise UserError(f"{arch} has no hyper-search form (it builds modes {', '.join(modes)}): give the repopt row "
+                        f"a scales file with --scales")
+    runnable = tuple(m for m in methods if mode_of(m) in modes)
+    skipped = {m: f"{arch} has no {'multi-branch training' if m == 'repvgg' else mode_of(m)} form (it builds modes "
+                  f"{', '.join(modes)}): the pipeline runs {' and '.join(runnable)}, not {m}"
+               for m in methods if m not in runnable}
+    return runnable, skipped
+
+
 def run_pipeline(base: TrainConfig, hs_epochs: int, methods=METHODS, int8: bool = True,
                  int8_backend: str = "torchao", scales: str | None = None) -> dict:
     """`scales`: a scales file (or 'ones') for the repopt row instead of a search on the pipeline's own data."""
     out = Path(base.out)
     out.mkdir(parents=True, exist_ok=True)
     say = (lambda msg: None) if base.quiet else (lambda msg: print(f"[pipeline] {msg}", flush=True))
-    from ..integrations import timm as timm_models
-
-    if "repvgg" in methods and timm_models.is_timm_arch(base.arch) and \
-            not timm_models.has_multi_branch_form(base.arch):
-        methods = tuple(m for m in methods if m != "repvgg")
-        say(f"{base.arch} has no multi-branch training form: no repvgg baseline")
+    methods, skipped = plan_methods(base.arch, methods, searches=scales is None)
+    for note in skipped.values():
+        say(note)
     hs_result = {"top1": None}
     if scales is None:
         say(f"hyper-search: {base.arch} on {base.dataset}, {hs_epochs} epochs -> {out / 'search'}")
@@ -78,7 +99,7 @@ def run_pipeline(base: TrainConfig, hs_epochs: int, methods=METHODS, int8: bool 
     report = {"dataset": base.dataset, "arch": base.arch, "epochs": base.epochs, "hs_epochs": hs_epochs,
               "seed": base.seed, "batch_size": base.batch_size, "optimizer": base.optimizer,
               "hs_top1": hs_result["top1"], "scales": str(scales), "train_subset": base.train_subset,
-              "image_size": result.get("image_size"), "results": rows}
+              "image_size": result.get("image_size"), "results": rows, "skipped_methods": skipped}
     if int8 and any("int8_top1" in r for r in rows):
         report["int8_settings"] = report_settings
         report["int8_backend"] = INT8_BACKENDS[int8_backend]
@@ -102,6 +123,8 @@ def report_markdown(report: dict) -> str:
                      f"{r['train_images_per_s']:.0f} | {r['params']:,} |")
     if has_int8 and report.get("int8_backend"):
         lines += ["", f"INT8: post-training quantization with {report['int8_backend']}, test set."]
+    notes = [f"Not run: {note}." for note in report.get("skipped_methods", {}).values()]
+    lines += ["", *notes] if notes else []
     if report["hs_top1"] is None:
         lines += ["", f"No hyper-search: the repopt row used the scales {report['scales']}.", ""]
     else:

@@ -5,22 +5,35 @@ from collections.abc import Callable
 
 from torch import nn
 
-from .ghostnet import RepOptGhostNet
-from .vgg import CONFIGS, RepOptVGG
+from .ghostnet import MODES as GHOSTNET_MODES, RepOptGhostNet
+from .vgg import CONFIGS, MODES as VGG_MODES, RepOptVGG
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_MODES: dict[str, tuple[str, ...]] = {}
 
 
-def register(name: str, builder: Callable[..., nn.Module]) -> None:
-    """Add a builder `builder(mode=..., num_classes=..., **options) -> nn.Module` under `name`."""
+def register(name: str, builder: Callable[..., nn.Module], modes: tuple[str, ...] = VGG_MODES) -> None:
+    """Add a builder `builder(mode=..., num_classes=..., **options) -> nn.Module` under `name`; `modes`: the modes
+    it builds."""
     if name in _REGISTRY:
         raise ValueError(f"model {name!r} is already registered")
     _REGISTRY[name] = builder
+    _MODES[name] = tuple(modes)
 
 
 def list_models() -> list[str]:
     """The registered names; any `timm:NAME` timm can build is accepted too (repopt.integrations.timm)."""
     return sorted(_REGISTRY)
+
+
+def supported_modes(name: str) -> tuple[str, ...]:
+    """The modes `create(name, mode=...)` builds: 'repvgg' only for a model with a multi-branch training form."""
+    from ..integrations import timm as timm_models
+
+    check_name(name)
+    if timm_models.is_timm_arch(name):
+        return tuple(m for m in timm_models.MODES if m != "repvgg" or timm_models.has_multi_branch_form(name))
+    return _MODES[name]
 
 
 def check_name(name: str) -> None:
@@ -74,4 +87,4 @@ def _ghostnet_0_5x(mode: str = "target", num_classes: int = 1000, **options) -> 
     return RepOptGhostNet(0.5, mode, num_classes, arch="repopt_ghostnet_0_5x", **options)
 
 
-register("repopt_ghostnet_0_5x", _ghostnet_0_5x)
+register("repopt_ghostnet_0_5x", _ghostnet_0_5x, GHOSTNET_MODES)

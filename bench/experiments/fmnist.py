@@ -121,11 +121,11 @@ def _int8_jobs(root: Path, net: str) -> list[Job]:
     return out
 
 
-def _start(job: Job, root: Path) -> subprocess.Popen:
+def _start(job: Job, root: Path, nice: int = 5) -> subprocess.Popen:
     log = root / "logs" / f"{job.name.replace('/', '__')}.log"
     log.parent.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TORCHAO_FORCE_SKIP_LOADING_SO_FILES": "1"}
-    cmd = ["nice", "-n", "5", sys.executable, "-m", "repopt", *job.argv]
+    cmd = ["nice", "-n", str(nice), sys.executable, "-m", "repopt", *job.argv]
     logf = open(log, "a")
     logf.write(f"$ {shlex.join(cmd)}\n")
     logf.flush()
@@ -153,7 +153,7 @@ def _finish(proc: subprocess.Popen, root: Path) -> bool:
     return ok
 
 
-def run(root: Path, parallel: int, only: str | None, all_jobs: list[Job] | None = None) -> int:
+def run(root: Path, parallel: int, only: str | None, all_jobs: list[Job] | None = None, nice: int = 5) -> int:
     """Run `all_jobs` (default: this study's) that are not done, `parallel` at a time, in their order."""
     all_jobs = jobs(root) if all_jobs is None else all_jobs
     todo = [j for j in all_jobs if not (root / j.done).exists() and (only is None or j.name.startswith(only))]
@@ -177,7 +177,7 @@ def run(root: Path, parallel: int, only: str | None, all_jobs: list[Job] | None 
             job = ready.pop(0)
             todo.remove(job)
             print(f"{time.strftime('%H:%M:%S')} start {job.name}", flush=True)
-            running.append(_start(job, root))
+            running.append(_start(job, root, nice))
         if not running and todo and not ready:
             print(f"{len(todo)} runs wait for inputs that no run will make: {todo[0].needs}", flush=True)
             break

@@ -5,14 +5,13 @@ refuses. The program one step earlier, after `convert_pt2e`, holds only plain te
 points) and reference quantize / dequantize ops, so it is re-exported with a dynamic batch and written with
 torch.export.save; `load_int8_program` reads it back and lowers it to oneDNN int8 kernels on the machine that runs it.
 
-torch.export.load unpickles some archive entries (pickled weights, custom objects, and sample inputs after a failed
-weights-only load), which could run code. `load_int8_program` reads the archive's configs first and refuses any
-archive that would need that: what it loads is tensors, JSON and the graph's op names.
+torch.export.load can run code from the file (its legacy-layout fallback unpickles, so do pickled entries; the
+program's JSON reaches eval and exec): `load_int8_program` reads the file once, lets safe_pt2 refuse anything that
+could run code, and hands the same bytes to the new-format reader only.
 """
 from __future__ import annotations
 
 import dataclasses
-import io
 import json
 import os
 import zipfile
@@ -22,13 +21,12 @@ import torch
 
 from .._io import atomic_write
 from .ptq import Int8Model, QuantSettings, _torchao, dynamic_batch
+from .safe_pt2 import ProgramFileError, check_archive, load_program, read_archive
+
+__all__ = ["ProgramFileError", "save_int8_program", "read_program_info", "load_int8_program"]
 
 PROGRAM_FORMAT = "repopt-int8-pt2e"
 _EXTRA = "repopt.json"
-
-
-class ProgramFileError(ValueError):
-    """A .pt2 file that is not a quantized program repopt wrote, or that would need unpickling to load."""
 
 
 def save_int8_program(int8: Int8Model, path: str | os.PathLike, metadata: dict | None = None) -> str:
@@ -47,47 +45,11 @@ def save_int8_program(int8: Int8Model, path: str | os.PathLike, metadata: dict |
     return os.fspath(path)
 
 
-def _refuse_pickles(path: str) -> None:
-    """Raise ProgramFileError unless every entry torch.export.load would read is a raw tensor, JSON or a
-    weights-only loadable tensor file."""
+def _program_info(path: str, archive: zipfile.ZipFile) -> dict:
+    """The metadata repopt stored in an open .pt2 archive; ProgramFileError if it holds none."""
     try:
-        archive = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError) as e:
-        raise ProgramFileError(f"{path}: not a torch.export archive ({e})") from None
-    with archive:
-        for name in archive.namelist():
-            parts = PurePosixPath(name).parts
-            # entries sit under the archive's root folder: ROOT/data/{weights,constants,sample_inputs}/FILE
-            sub = "/".join(parts[1:-1]) if len(parts) > 2 else ""
-            file = parts[-1]
-            if sub in ("data/weights", "data/constants") and file.endswith("_config.json"):
-                try:
-                    config = json.loads(archive.read(name)).get("config", {})
-                except ValueError:
-                    raise ProgramFileError(f"{path}: {name} is not valid JSON") from None
-                for key, entry in config.items():
-                    pickled = entry.get("use_pickle", True) or not str(entry.get("path_name", "")).startswith(
-                        ("weight_", "tensor_"))
-                    if pickled:
-                        raise ProgramFileError(f"{path}: entry {key!r} would have to be unpickled, which could run "
-                                               f"code; refused (repopt writes plain tensors only)")
-            elif sub in ("data/weights", "data/constants") and file.endswith(".pt"):
-                raise ProgramFileError(f"{path}: {name} is a pickled (legacy format) payload; refused")
-            elif sub == "data/sample_inputs":
-                try:
-                    torch.load(io.BytesIO(archive.read(name)), weights_only=True)
-                except Exception:  # noqa: BLE001 - any failure means torch would retry with full unpickling
-                    raise ProgramFileError(f"{path}: its sample inputs cannot be loaded weights-only (loading them "
-                                           f"could run code); refused") from None
-
-
-def read_program_info(path: str | os.PathLike) -> dict:
-    """The metadata repopt stored in a .pt2 file; ProgramFileError if it holds none (not a file repopt wrote)."""
-    path = os.fspath(path)
-    try:
-        with zipfile.ZipFile(path) as archive:
-            names = [n for n in archive.namelist() if PurePosixPath(n).parts[1:] == ("extra", _EXTRA)]
-            info = json.loads(archive.read(names[0])) if names else None
+        names = [n for n in archive.namelist() if PurePosixPath(n).parts[1:] == ("extra", _EXTRA)]
+        info = json.loads(archive.read(names[0])) if names else None
     except (zipfile.BadZipFile, OSError, ValueError) as e:
         raise ProgramFileError(f"{path}: not a torch.export archive repopt wrote ({type(e).__name__})") from None
     if not isinstance(info, dict) or info.get("format") != PROGRAM_FORMAT:
@@ -96,17 +58,28 @@ def read_program_info(path: str | os.PathLike) -> dict:
     return info
 
 
+def read_program_info(path: str | os.PathLike) -> dict:
+    """The metadata repopt stored in a .pt2 file; ProgramFileError if it holds none (not a file repopt wrote)."""
+    path = os.fspath(path)
+    _, archive = read_archive(path)
+    with archive:
+        return _program_info(path, archive)
+
+
 def load_int8_program(path: str | os.PathLike, batch_size: int | None = None) -> tuple[Int8Model, dict]:
     """(lowered Int8Model, stored metadata) from a file of `save_int8_program`, lowered on this machine for batches
     of `batch_size` (default: the batch it was calibrated with)."""
     path = os.fspath(path)
-    info = read_program_info(path)
-    _refuse_pickles(path)
-    ao = _torchao()  # registers the quantized_decomposed ops the saved graph calls
-    from ._extras import quiet
+    data, archive = read_archive(path)  # read once: what is checked is what torch loads
+    with archive:
+        info = _program_info(path, archive)
+        check_archive(path, archive)  # before torchao: a crafted file is refused even without the `quant` extra
+        ao = _torchao()  # registers the quantized_decomposed ops the saved graph calls
+        from ._extras import quiet
 
+        with quiet("torch.export", "torch._export", categories=(DeprecationWarning, FutureWarning, UserWarning)):
+            program, _ = load_program(path, data, archive)  # checks again, then the new-format reader
     with quiet("torch.export", "torch._export", categories=(DeprecationWarning, FutureWarning, UserWarning)):
-        program = torch.export.load(path)
         module = program.module()
         b = int(batch_size or info.get("int8_batch_size") or 1)
         example = torch.zeros(b, *info["input_shape"])

@@ -1,0 +1,204 @@
+"""Files a user hands to repopt that could run code or exhaust memory (issue 20): crafted `.pt2` programs, the other
+loaders of user files, gzip bombs in IDX files, and the fsync of the atomic writer.
+
+Every crafted file carries a payload that would create a marker file; each test checks the marker never appears and
+that the refusal is one sentence naming the file and the offending entry."""
+from __future__ import annotations
+
+import importlib.util
+import io
+import json
+import os
+import pickle
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from repopt.app.cli import main
+from repopt.quant import ProgramFileError, load_int8_program
+
+HAS_TORCHAO = importlib.util.find_spec("torchao") is not None
+
+
+class MarkerPayload:
+    """Unpickling this creates the file `marker` (a stand-in for any code a pickle can run)."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def _info() -> dict:
+    return {"format": "repopt-int8-pt2e", "input_shape": [3, 12, 12], "int8_batch_size": 1, "settings": {},
+            "images_seen": 0, "config": {"method": "plain", "arch": "x", "dataset": "digits", "num_classes": 10}}
+
+
+def _legacy_program_json() -> bytes:
+    """A well-formed program (JSON) for torch.export's old layout, so that its loader reaches the pickles."""
+    program = torch.export.export(torch.nn.Linear(2, 2), (torch.zeros(1, 2),))
+    buffer = io.BytesIO()
+    torch.export.save(program, buffer)
+    with zipfile.ZipFile(buffer) as z:
+        return next(z.read(n) for n in z.namelist() if n.endswith("models/model.json"))
+
+
+def legacy_pt2(path: Path, marker: Path) -> Path:
+    """The archive of issue 20: repopt's metadata under a root folder, and torch.export's old layout at the top
+    (version, serialized_exported_program.json, serialized_*.pt: the .pt entries are pickles with the payload)."""
+    from torch._export.serde.schema import SCHEMA_VERSION
+
+    payload = pickle.dumps(MarkerPayload(marker))
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/extra/repopt.json", json.dumps(_info()))
+        z.writestr("version", ".".join(map(str, SCHEMA_VERSION)))
+        z.writestr("serialized_exported_program.json", _legacy_program_json())
+        for part in ("state_dict", "constants", "example_inputs"):
+            z.writestr(f"serialized_{part}.pt", payload)
+    return path
+
+
+def test_legacy_layout_pt2_runs_no_code(tmp_path, capsys):
+    path = legacy_pt2(tmp_path / "evil.pt2", tmp_path / "marker")
+    with pytest.raises(ProgramFileError) as e:
+        load_int8_program(path)
+    text = str(e.value)
+    assert str(path) in text and "'version'" in text and "outside the archive's root folder" in text
+    assert "\n" not in text
+    code = main(["eval", str(path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("repopt eval: error: ") and "'version'" in err and "\n" not in err
+    assert not (tmp_path / "marker").exists()  # the payload never ran
+
+
+@pytest.mark.parametrize("entry", ["archive/serialized_state_dict.pt", "archive/data/weights/model.pt",
+                                   "archive/data/constants/model.pt", "archive/data/aotinductor/model/model.so",
+                                   "archive/data/constants/custom_obj_0", "archive/models/other.json"])
+def test_pt2_entries_repopt_never_writes_are_refused(tmp_path, entry):
+    """Legacy pickles inside the root, a compiled AOTInductor library, custom objects, a second program: all refused
+    by name, before torch reads anything."""
+    path = tmp_path / "evil.pt2"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/extra/repopt.json", json.dumps(_info()))
+        z.writestr(entry, pickle.dumps(MarkerPayload(tmp_path / "marker")))
+    with pytest.raises(ProgramFileError, match=f"entry '{entry}'"):
+        load_int8_program(path)
+    assert not (tmp_path / "marker").exists()
+
+
+def test_duplicate_pt2_entries_are_refused(tmp_path):
+    """Two entries of one name: Python's zip reader and torch's may each pick another one."""
+    path = tmp_path / "dup.pt2"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/extra/repopt.json", json.dumps(_info()))
+        with pytest.warns(UserWarning, match="Duplicate name"):
+            z.writestr("archive/extra/repopt.json", json.dumps(_info()))
+    with pytest.raises(ProgramFileError, match="more than once"):
+        load_int8_program(path)
+
+
+# ---------------------------------------------------------------- the program's JSON (a genuine file, edited)
+
+@pytest.fixture(scope="module")
+def program(tmp_path_factory):
+    if not HAS_TORCHAO:
+        pytest.skip("INT8 programs need the `quant` extra: pip install 'repopt[quant]'")
+    from nets import conv_bn_net
+    from repopt.quant import QuantSettings, quantize_ptq, save_int8_program
+
+    g = torch.Generator().manual_seed(1)
+    calib = [torch.randn(16, 3, 12, 12, generator=g) for _ in range(2)]
+    int8 = quantize_ptq(conv_bn_net(trained_bn_affine=False), calib, QuantSettings(calib_batches=2))
+    path = tmp_path_factory.mktemp("pt2") / "q.pt2"
+    save_int8_program(int8, path, {"config": {"method": "plain", "arch": "test", "dataset": "digits",
+                                              "num_classes": 10}})
+    return path
+
+
+def _edit_program(src: Path, dst: Path, edit) -> Path:
+    """A copy of `src` whose models/model.json went through `edit(dict)`."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            data = zin.read(item.filename)
+            if item.filename.endswith("models/model.json"):
+                program = json.loads(data)
+                edit(program)
+                data = json.dumps(program).encode()
+            zout.writestr(item, data)
+    return dst
+
+
+def _first(program: dict, key: str) -> dict:
+    """The first dict in the program that holds `key`."""
+    stack = [program]
+    while stack:
+        o = stack.pop(0)
+        if isinstance(o, dict):
+            if key in o:
+                return o
+            stack.extend(o.values())
+        elif isinstance(o, list):
+            stack.extend(o)
+    raise KeyError(key)
+
+
+def test_symbolic_expression_with_code_is_refused(program, tmp_path):
+    """torch parses each symbolic shape with sympy.sympify, which is eval: before, this file created the marker."""
+    marker = tmp_path / "marker"
+
+    def edit(p):
+        holder = _first(p, "expr_str")
+        holder["expr_str"] = f"{holder['expr_str']} + 0*len(str(open({str(marker)!r}, 'w')))"
+
+    path = _edit_program(program, tmp_path / "sym.pt2", edit)
+    with pytest.raises(ProgramFileError, match="symbolic expression"):
+        load_int8_program(path)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("what", ["guards", "target", "forward_arg_names", "parameter_name"])
+def test_program_json_that_reaches_python_source_is_refused(program, tmp_path, what):
+    """Guard code is exec'd when the module is built; call targets are looked up by getattr from torch (torch.os is
+    os); argument names and parameter paths are pasted into the generated forward's source."""
+    marker = tmp_path / "marker"
+    code = f"open({str(marker)!r}, 'w')"
+
+    def edit(p):
+        if what == "guards":
+            p["guards_code"] = [f"{code} is not None"]
+        elif what == "target":
+            node = next(n for n in p["graph_module"]["graph"]["nodes"] if n["target"].endswith("relu.default"))
+            node["target"] = "torch.os.system"
+        elif what == "forward_arg_names":
+            _first(p, "forward_arg_names")["forward_arg_names"] = [f"input={code}"]
+        else:
+            holder = _first(p, "parameter_name")
+            holder["parameter_name"] = f'0"), {code}, getattr(self, "x'
+
+    path = _edit_program(program, tmp_path / f"{what}.pt2", edit)
+    with pytest.raises(ProgramFileError) as e:
+        load_int8_program(path)
+    assert str(path) in str(e.value) and "\n" not in str(e.value)
+    assert not marker.exists()
+
+
+def test_genuine_program_loads_without_any_unpickling(program, monkeypatch):
+    """The file repopt wrote loads through the new-format reader alone: torch.load only weights-only, no pickle."""
+    calls = []
+    real_load = torch.load
+
+    def recording_load(*args, **kwargs):
+        calls.append(kwargs.get("weights_only"))
+        return real_load(*args, **kwargs)
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("pickle.loads called while loading a .pt2")
+
+    monkeypatch.setattr(torch, "load", recording_load)
+    monkeypatch.setattr(pickle, "loads", no_pickle)
+    q, info = load_int8_program(program)
+    assert calls and all(w is True for w in calls), calls
+    assert info["config"]["arch"] == "test" and sum(q.quantized_ops().values()) == 3

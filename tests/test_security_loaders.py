@@ -202,3 +202,33 @@ def test_genuine_program_loads_without_any_unpickling(program, monkeypatch):
     q, info = load_int8_program(program)
     assert calls and all(w is True for w in calls), calls
     assert info["config"]["arch"] == "test" and sum(q.quantized_ops().values()) == 3
+
+
+# ---------------------------------------------------------------- IDX files: a gzip that expands beyond its header
+
+def test_idx_gzip_bomb_is_read_no_further_than_its_header_declares(tmp_path):
+    """A 100-byte image file whose gzip expands to 64 MiB: before, gzip.decompress held all 64 MiB in memory before
+    the size check (and a bigger bomb, many GB); now the loader reads the declared 100 bytes plus one."""
+    import tracemalloc
+    import zlib
+
+    from repopt.data.errors import DataError
+    from repopt.data.idx import read_idx
+
+    header = b"\x00\x00\x08\x03" + (1).to_bytes(4, "big") + (10).to_bytes(4, "big") * 2  # shape (1, 10, 10)
+    expansion = 64 << 20
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # wbits 31: a gzip stream
+    parts = [packer.compress(header)]
+    zeros = bytes(1 << 20)
+    parts += [packer.compress(zeros) for _ in range(expansion >> 20)]
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(b"".join(parts) + packer.flush())
+    assert path.stat().st_size < 200_000  # small on disk
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"longer than its header says: its header declares shape \(1, 10, 10\)"):
+            read_idx(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"the loader held {peak} bytes for a file that declares 116"

@@ -8,6 +8,7 @@ from .reinit import ReinitError, apply_rule_of_initialization
 from .scales import Scales, ScalesError, load_scales, save_scales
 from .search import extract_scales, to_hyper_search
 from .convert import ConversionError, to_target
+from .pretrained import InitError, InitReport, init_from
 from . import models
 from .targets import find_target_convs
 
@@ -17,5 +18,5 @@ __all__ = [
     "BranchSet", "BranchError", "ConvGeometry", "IDENTITY", "RepOptSGD", "RepOptAdamW", "RepOptLion",
     "param_groups", "Scales", "ScalesError", "load_scales", "save_scales", "find_target_convs",
     "apply_rule_of_initialization", "ReinitError", "to_hyper_search", "extract_scales", "models", "to_target",
-    "ConversionError",
+    "ConversionError", "init_from", "InitReport", "InitError",
 ]

@@ -16,9 +16,8 @@ import torch
 from torch import nn
 
 from .._io import atomic_write, load_error_message, write_error_reason
+from ..pretrained import CHECKPOINT, MODEL, MODEL_FORMAT, run_model_file  # the library reads run files too (init_from)
 
-CHECKPOINT = "checkpoint.pt"
-MODEL = "model.safetensors"
 RESULT = "result.json"
 SCALES = "scales.safetensors"  # a hyper-search run's scales
 
@@ -68,7 +67,7 @@ def save_model(path: Path, model: nn.Module, config: dict[str, Any], extra: dict
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    meta = {"format": "repopt-model", "config": json.dumps(config), **(extra or {})}
+    meta = {"format": MODEL_FORMAT, "config": json.dumps(config), **(extra or {})}
     _write_or_explain(path, lambda tmp: save_file(tensors, str(tmp), metadata=meta))
 
 
@@ -76,9 +75,9 @@ def find_model_file(path: str | os.PathLike) -> Path:
     """A run directory, its model.safetensors or its checkpoint.pt -> the file to load."""
     p = Path(path)
     if p.is_dir():
-        for name in (MODEL, CHECKPOINT):
-            if (p / name).is_file():
-                return p / name
+        file = run_model_file(p)
+        if file is not None:
+            return file
         raise CheckpointError(f"{p}: no {MODEL} or {CHECKPOINT} in this directory")
     if not p.is_file():
         raise CheckpointError(f"{p}: no such checkpoint file or run directory")
@@ -103,8 +102,8 @@ def load_trained(path: str | os.PathLike, deploy: bool = False) -> tuple[nn.Modu
                 state = {k: f.get_tensor(k) for k in f.keys()}
         except (SafetensorError, OSError) as e:
             raise CheckpointError(f"{file}: not a readable model file ({e})") from None
-        if meta.get("format") != "repopt-model":
-            raise CheckpointError(f"{file}: not a repopt model file (no format=repopt-model metadata)")
+        if meta.get("format") != MODEL_FORMAT:
+            raise CheckpointError(f"{file}: not a repopt model file (no format={MODEL_FORMAT} metadata)")
         try:
             config = json.loads(meta.get("config", "null"))
         except ValueError:

@@ -31,12 +31,14 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     from ..branches import BranchError
     from .checkpoint import CheckpointError
     from ..data import DataError
+    from ..pretrained import InitError
     from ..reinit import ReinitError
     from ..scales import ScalesError
     from .train import TrainingError
 
     # OSError: a missing file, a full disk (repopt._io.WriteError names the file it could not write), an I/O error
-    return (UserError, ScalesError, BranchError, ReinitError, CheckpointError, DataError, TrainingError, OSError)
+    return (UserError, ScalesError, BranchError, ReinitError, CheckpointError, DataError, TrainingError, InitError,
+            OSError)
 
 
 class CommandImportError(ImportError):

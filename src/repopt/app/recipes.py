@@ -43,8 +43,8 @@ def scaled_lr(lr_base: float, global_batch: int, scaling: str, base_size: int = 
     return lr_base * (ratio if scaling == "linear" else math.sqrt(ratio))
 
 
-def default_warmup_epochs(epochs: int) -> float:
-    return epochs * WARMUP_FRACTION
+def default_warmup_epochs(epochs: int, fraction: float | None = None) -> float:
+    return epochs * (WARMUP_FRACTION if fraction is None else fraction)
 
 
 def describe_lr(lr: float, lr_base: float | None, global_batch: int, scaling: str,
@@ -89,9 +89,28 @@ PRESETS: dict[str, dict] = {
     **{f"imagenet-repvgg-{s}": dict(_IMAGENET, method="repvgg", arch=f"repopt_vgg_{s}") for s in _SIZES},
     **{f"cifar100-hs-{s}": dict(_HS_CIFAR100, arch=f"repopt_vgg_{s}") for s in _SIZES},
 }
+# Fine-tuning (`--recipe finetune`, with --init-from): BiT-HyperRule's small-data fine-tuning optimizer (Kolesnikov et
+# al., "Big Transfer (BiT)", ECCV 2020; code: google-research/big_transfer), on repopt's warmup + cosine schedule.
+#
+#   source                                            number
+#   big_transfer README ("BiT-HyperRule") and         peak lr 0.003 at batch 512 (lr_base 0.003 per 512 images, scaled
+#     bit_hyperrule.get_lr(base_lr=0.003)               linearly to the global batch as every repopt recipe is)
+#   bit_pytorch/train.py                              SGD momentum 0.9, not nesterov; "no weight-decay"; plain
+#                                                     cross-entropy (no label smoothing); model.parameters(): every
+#                                                     weight is fine-tuned, nothing frozen
+#   bit_hyperrule.get_schedule (below 20,000 images)  linear warmup over 100 of its 500 steps: the first 1/5 of the run
+#   bit_hyperrule.get_mixup (below 20,000 images)     no mixup (repopt's default too)
+# Not taken over: BiT's length is a number of steps (500 of 512 images below 20,000 images, i.e. 256,000 images seen),
+# so the preset sets no epochs (give --epochs; 256 epochs of 1,000 images is BiT's); its decay (/10 at steps 200, 300
+# and 400) is repopt's cosine here; its zero-initialized head is a fresh default-initialized nn.Linear here.
+_FINETUNE = dict(optimizer="sgd", lr=None, lr_base=0.003, lr_base_size=512, weight_decay=0.0, momentum=0.9,
+                 nesterov=False, label_smoothing=0.0, warmup_epochs=None, warmup_fraction=1 / 5)
+PRESETS["finetune"] = _FINETUNE
 PRESET_NOTES = {
     "imagenet": "the paper's ImageNet recipe (8 GPUs x 32 = global batch 256; lr, warmup lr 0 and min lr 0 scale "
                 "with the global batch; test batch per GPU = 16 in the reference code)",
+    "finetune": "fine-tuning from --init-from with BiT-HyperRule's small-data optimizer (no epochs: give --epochs; "
+                "with --method repopt the scales act as gradient multipliers only)",
     "cifar100-hs": "the paper's hyper-search on CIFAR-100 (its reproduction command: warmup 5 epochs, no label "
                    "smoothing; gradient clipping 5.0 in the search only)",
 }

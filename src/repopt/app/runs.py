@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from .checkpoint import RESULT, SCALES
-from .recipes import HS_GRAD_CLIP
+from .recipes import HS_GRAD_CLIP, LR_BASE_SIZE
 from .train import TrainConfig, check_same_settings, train
 
 # what a finished run's result.json must hold for a re-run to skip it (the pipeline's report reads these)
@@ -61,7 +61,10 @@ def hs_config(base: TrainConfig, out: Path, hs_epochs: int) -> TrainConfig:
     of RepOpt's ablations (they change the RepOpt run, not its search)."""
     return dataclasses.replace(base, method="hs", optimizer="sgd", epochs=hs_epochs, out=str(out), scales=None,
                                grad_clip=HS_GRAD_CLIP, lr=None, lr_base=None, weight_decay=None, warmup_epochs=None,
-                               ema=None, recipe=None, recipe_overrides=[], reinit=True, mask=True)
+                               ema=None, recipe=None, recipe_overrides=[], reinit=True, mask=True,
+                               init_from=None,  # the search starts from scratch (TrainConfig._check_init_from)
+                               # and not with a fine-tuning recipe's optimizer (recipes.PRESETS["finetune"])
+                               lr_base_size=LR_BASE_SIZE, warmup_fraction=None, momentum=0.9, nesterov=True)
 
 
 def search_scales(hs: TrainConfig) -> tuple[Path, dict]:

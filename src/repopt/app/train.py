@@ -28,8 +28,9 @@ OPTIMIZERS = tuple(DEFAULTS)
 # what must match between a checkpoint and the command that resumes it
 RESUME_KEYS = ("method", "arch", "dataset", "train_subset", "image_size", "optimizer", "epochs", "batch_size", "lr",
                "weight_decay", "seed", "accumulate", "label_smoothing", "warmup_epochs", "momentum", "nesterov",
-               "model_options", "reinit", "mask")
-RESUME_DEFAULTS = {"reinit": True, "mask": True}  # what a checkpoint written before these keys existed had
+               "model_options", "reinit", "mask", "init_from")
+# what a checkpoint written before these keys existed had
+RESUME_DEFAULTS = {"reinit": True, "mask": True, "init_from": None}
 
 
 class TrainingError(RuntimeError):
@@ -53,7 +54,8 @@ class TrainConfig:
     weight_decay: float | None = None  # default: recipes.DEFAULTS
     momentum: float = 0.9
     nesterov: bool = True
-    warmup_epochs: float | None = None  # default: the paper's 5/120 of the run (recipes.WARMUP_FRACTION)
+    warmup_epochs: float | None = None  # default: warmup_fraction of the run
+    warmup_fraction: float | None = None  # default: the paper's 5/120 (recipes.WARMUP_FRACTION); a preset may differ
     label_smoothing: float = 0.1
     accumulate: int = 1             # micro-batches per optimizer step
     grad_clip: float | None = None  # global-norm clipping; refused with repopt (it breaks the equivalence)
@@ -62,6 +64,7 @@ class TrainConfig:
     force_reinit: bool = False      # apply the rule of initialization even to BatchNorms that look trained
     reinit: bool = True             # repopt: apply the rule of initialization (False: the --no-reinit ablation)
     mask: bool = True               # repopt: gradient multipliers (False: the --no-mask ablation; app/ablations.py)
+    init_from: str | None = None    # start from these trained weights (repopt.init_from); repopt: masks only
     amp: bool = False               # bf16 autocast on CPU, fp16 + GradScaler on CUDA
     channels_last: bool = False
     ema: float | None = None        # EMA decay of the weights used for evaluation, e.g. 0.999
@@ -90,7 +93,7 @@ class TrainConfig:
         if self.weight_decay is None:
             self.weight_decay = defaults.weight_decay
         if self.warmup_epochs is None:
-            self.warmup_epochs = default_warmup_epochs(self.epochs)
+            self.warmup_epochs = default_warmup_epochs(self.epochs, self.warmup_fraction)
         return self
 
     def describe(self) -> str:
@@ -157,9 +160,27 @@ class TrainConfig:
         refused = check_ablations(self)
         if refused:
             raise TrainingError(refused)
+        if self.init_from:
+            self._check_init_from()
         if self.method == "repopt" and not self.scales:
             raise TrainingError("method repopt needs a scales file (or use `repopt train`, which searches them "
                                 "first when --scales is not given)")
+
+    def _check_init_from(self) -> None:
+        """--init-from keeps the loaded weights: what would overwrite them, or leave nothing of RepOpt, is refused."""
+        if self.method == "hs":
+            raise TrainingError("--init-from does not apply to the hyper-search model: its branch scales start at the "
+                                "search's own values, so it trains from scratch")
+        if self.force_reinit:
+            raise TrainingError("--force-reinit would overwrite the weights that --init-from loads; leave one out")
+        if self.method == "repopt" and not self.mask:
+            raise TrainingError("--init-from with --no-mask leaves nothing of RepOpt (the trained weights are never "
+                                "re-initialized): that is --method plain --init-from")
+
+    @property
+    def applies_rule_of_initialization(self) -> bool:
+        """A fresh repopt run re-initializes its target convs, unless --no-reinit, or --init-from (trained weights)."""
+        return self.method == "repopt" and self.reinit and not self.init_from
 
 
 def resolve_device(name: str) -> torch.device:
@@ -199,8 +220,9 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, fresh: bool):
         scales = scales_for(cfg, model)
         try:
             if cfg.mask:
-                return cls.from_scales(model, scales, reinit=fresh and cfg.reinit, identity_init=cfg.identity_init,
-                                       force_reinit=cfg.force_reinit, weight_decay=cfg.weight_decay, **kwargs)
+                return cls.from_scales(model, scales, reinit=fresh and cfg.applies_rule_of_initialization,
+                                       identity_init=cfg.identity_init, force_reinit=cfg.force_reinit,
+                                       weight_decay=cfg.weight_decay, **kwargs)
             unmasked_repopt(cfg, model, scales, fresh)  # then the plain optimizer below
         except ScalesError as e:  # name the file as well as the layer
             raise ScalesError(f"{cfg.scales} does not fit {cfg.arch}: {e}") from None
@@ -208,6 +230,20 @@ def build_optimizer(cfg: TrainConfig, model: nn.Module, fresh: bool):
         param_groups(model, cfg.weight_decay)
     cls = {"sgd": torch.optim.SGD, "adamw": torch.optim.AdamW, "lion": RepOptLion}[cfg.optimizer]
     return cls(groups, **kwargs)
+
+
+def _init_from(cfg: TrainConfig, model: nn.Module, say: bool) -> None:
+    """Load --init-from into the freshly built model (its classifier already has the dataset's classes)."""
+    from ..pretrained import init_from
+
+    report = init_from(model, cfg.init_from)
+    if say:
+        print(f"[{cfg.method}] init: {report.describe()}", flush=True)
+        if report.head is not None:
+            print(f"[{cfg.method}] init: {report.describe_head()}", flush=True)
+        if cfg.method == "repopt":
+            print(f"[{cfg.method}] init: keeps the trained weights (no rule of initialization); the scales "
+                  f"{cfg.scales} apply as gradient multipliers only", flush=True)
 
 
 def warmup_cosine(total_steps: int, warmup_steps: int):
@@ -299,6 +335,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
         torch.manual_seed(cfg.seed)
         model = build_model(cfg)
+        if cfg.init_from and resume is None:  # a resumed run's checkpoint holds the weights it has trained since
+            _init_from(cfg, model, say=rank == 0 and not cfg.quiet)
         optimizer = build_optimizer(cfg, model, fresh=resume is None)
         model.to(device)
         if cfg.channels_last:

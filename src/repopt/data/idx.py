@@ -37,30 +37,64 @@ _TYPES = {0x08: np.dtype(">u1"), 0x09: np.dtype(">i1"), 0x0B: np.dtype(">i2"), 0
 
 
 def read_idx(path: str | Path) -> np.ndarray:
-    """The array stored in one IDX file (gzipped or not); DataError naming the file if it is not a whole IDX file."""
+    """The array stored in one IDX file (gzipped or not); DataError naming the file if it is not a whole IDX file.
+
+    The header is read first and then exactly the payload it declares, in chunks: a gzip that expands beyond that
+    (a few KB can expand to many GB) is refused after one byte more, and memory follows the bytes the file really
+    holds, never the size its header claims."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
-        if raw[:2] == b"\x1f\x8b":
-            raw = gzip.decompress(raw)
+        with open(path, "rb") as f:
+            gzipped = f.read(2) == b"\x1f\x8b"
+            f.seek(0)
+            if gzipped:
+                return _parse(path, gzip.GzipFile(fileobj=f, mode="rb"), None)
+            return _parse(path, f, path.stat().st_size)
     except OSError as e:  # also gzip.BadGzipFile
         raise DataError(f"{path} cannot be read ({getattr(e, 'strerror', None) or e}).") from None
     except (EOFError, zlib.error):
         raise DataError(f"{path} is a truncated or damaged gzip file.") from None
-    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _TYPES:
-        raise DataError(f"{path} is not an IDX file (its first bytes {raw[:4].hex(' ') or 'are missing'}; an IDX "
+
+
+def _parse(path: Path, stream, file_size: int | None) -> np.ndarray:
+    """The array in `stream` (file_size: the size of an uncompressed file, checked before its payload is read)."""
+    start = _read_at_most(stream, 4)
+    if len(start) < 4 or start[0] != 0 or start[1] != 0 or start[2] not in _TYPES:
+        raise DataError(f"{path} is not an IDX file (its first bytes {start.hex(' ') or 'are missing'}; an IDX "
                         f"file starts with 00 00, a type code such as 08, and the number of dimensions).")
-    dtype, ndim = _TYPES[raw[2]], raw[3]
-    header = 4 + 4 * ndim
-    if ndim == 0 or len(raw) < header:
+    dtype, ndim = _TYPES[start[2]], start[3]
+    dims = _read_at_most(stream, 4 * ndim)
+    if ndim == 0 or len(dims) < 4 * ndim:
         raise DataError(f"{path} is truncated: its IDX header declares {ndim} dimensions but the file ends first.")
-    shape = tuple(int(d) for d in np.frombuffer(raw, dtype=">u4", count=ndim, offset=4))
-    expected = header + int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-    if len(raw) != expected:
-        state = "truncated" if len(raw) < expected else "longer than its header says"
+    shape = tuple(int(d) for d in np.frombuffer(dims, dtype=">u4"))
+    header = 4 + 4 * ndim
+    expected = header + int(np.prod(shape, dtype=object)) * dtype.itemsize  # object: no int64 overflow
+    held = file_size
+    if held is None or held == expected:
+        payload = _read_at_most(stream, expected - header)
+        held = header + len(payload)
+        if held == expected and stream.read(1):
+            raise DataError(f"{path} is longer than its header says: its header declares shape {shape} "
+                            f"({expected} bytes) but it holds more.")
+    if held != expected:
+        state = "truncated" if held < expected else "longer than its header says"
         raise DataError(f"{path} is {state}: its header declares shape {shape} ({expected} bytes) but it holds "
-                        f"{len(raw)} bytes.")
-    return np.frombuffer(raw, dtype=dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+                        f"{held} bytes.")
+    return np.frombuffer(payload, dtype=dtype).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+_CHUNK = 1 << 20
+
+
+def _read_at_most(stream, n: int) -> bytearray:
+    """Up to `n` bytes of `stream`, read in chunks (a header may declare far more than the file holds)."""
+    out = bytearray()
+    while len(out) < n:
+        chunk = stream.read(min(n - len(out), _CHUNK))
+        if not chunk:
+            break
+        out += chunk
+    return out
 
 
 def _find(folder: Path, name: str) -> Path | None:

@@ -14,6 +14,8 @@ EXAMPLES = """examples:
   torchrun --nproc_per_node=8 -m repopt train --recipe imagenet-repopt-vgg-b1 --scales RepOpt-VGG-B1-scales.pth \\
       --dataset folder --data-dir /imagenet --out runs/b1      # the paper's ImageNet recipe, streamed folder
   repopt train --method repopt --scales runs/search/scales.safetensors --no-reinit   # ablation: masks only
+  repopt train --method repopt --init-from runs/pretrain --scales runs/pretrain/search/scales.safetensors \\
+      --recipe finetune --train-subset 1000 --out runs/finetune   # fine-tune trained weights: masks only
 Re-running the same command with the same --out resumes from the last checkpoint.
 """
 
@@ -32,10 +34,23 @@ def add_arguments(p) -> None:
                    help="rule of initialization: searched identity scale (default) or 1 (the paper's formula)")
     p.add_argument("--grad-clip", type=float, default=None, help="global-norm gradient clipping (refused with "
                                                                  "repopt: it breaks the equivalence)")
+    add_init_from_argument(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--list-archs", action="store_true", help="list the model names and exit")
     add_training_arguments(p, "runs/train")
     add_ablation_arguments(p)
+
+
+INIT_FROM_HELP = ("start from trained weights: a repopt run directory or model file, a reference RepOpt-VGG .pth, a "
+                  "multi-branch RepVGG-style state dict (fused into the plain model; timm's for timm:NAME) or any "
+                  "state dict with the model's keys (weights-only). A classifier of another size is replaced by a "
+                  "fresh one. With --method repopt no rule of initialization is applied: the scales (--scales, or "
+                  "the search) act as gradient multipliers only. --method repvgg needs multi-branch weights (a fused "
+                  "conv cannot be split back into branches)")
+
+
+def add_init_from_argument(p, extra: str = "") -> None:
+    p.add_argument("--init-from", default=None, metavar="PATH", help=INIT_FROM_HELP + extra)
 
 
 def run(args) -> int:
@@ -48,7 +63,8 @@ def run(args) -> int:
         print("timm:NAME    any timm model (needs timm; docs/timm.md)")
         return 0
     cfg = config_from_args(args, "repopt", args.out, scales=args.scales, identity_init=args.identity_init,
-                           grad_clip=args.grad_clip, reinit=not args.no_reinit, mask=not args.no_mask)
+                           grad_clip=args.grad_clip, reinit=not args.no_reinit, mask=not args.no_mask,
+                           init_from=args.init_from)
     result = train_repopt(cfg, hs_epochs_of(args, cfg))
     if args.json:
         print(json.dumps(result, indent=2))

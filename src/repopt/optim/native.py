@@ -198,16 +198,24 @@ def takes(p: Tensor, grad: Tensor, *state: Tensor | None) -> bool:
 
 
 def disjoint(tensors: list[Tensor]) -> bool:
-    """Are the byte ranges these tensors span (first to last element, whatever their strides) pairwise disjoint?"""
+    """Are the byte ranges these tensors span (first to last element, whatever their strides) pairwise disjoint?
+
+    Called for every target weight on every step, so it does no more than it must: torch has no negative strides
+    (data_ptr() is the first element), and a contiguous tensor spans exactly numel() elements."""
     spans = []
     for t in tensors:
-        if t.numel() == 0:
-            continue
-        last = sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()))
-        first = t.data_ptr() - sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride()) if s < 0) * t.element_size()
-        spans.append((first, first + (last + 1) * t.element_size()))
+        n = t.numel()
+        if n:
+            extent = n if t.is_contiguous() else 1 + sum((k - 1) * s for k, s in zip(t.shape, t.stride()))
+            first = t.data_ptr()
+            spans.append((first, first + extent * t.element_size()))
     spans.sort()
-    return all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
+    end = 0
+    for first, last in spans:
+        if first < end:
+            return False
+        end = last
+    return True
 
 
 def bind(job: Job, p: Tensor, grad: Tensor, buf: Tensor | None, first: bool) -> Job:

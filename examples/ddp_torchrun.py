@@ -13,6 +13,7 @@ import argparse
 import hashlib
 import itertools
 import os
+import sys
 
 import torch
 import torch.distributed as dist
@@ -39,6 +40,8 @@ device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cud
 if distributed:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")  # DDP (1/3)
 rank, world = (dist.get_rank(), dist.get_world_size()) if distributed else (0, 1)
+if args.batch_size % world:
+    sys.exit(f"--batch-size {args.batch_size} must be divisible by the {world} processes, which split it")
 torch.manual_seed(0)  # the same model on every rank (DDP also broadcasts rank 0's weights when it wraps it)
 
 data = load_dataset("digits")

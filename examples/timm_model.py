@@ -14,6 +14,10 @@ import itertools
 import sys
 import warnings
 
+try:
+    import timm
+except ImportError:  # before importing anything heavy: the one thing this page needs beyond repopt
+    sys.exit("This example needs timm, which is not installed: pip install timm")
 import torch
 import torch.nn.functional as F
 
@@ -21,11 +25,6 @@ import repopt
 from repopt.data import load_dataset
 from repopt.quant import evaluate_top1
 from repopt.search import hs_param_groups
-
-try:
-    import timm
-except ImportError:
-    sys.exit("This example needs timm, which is not installed: pip install timm")
 
 parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
 parser.add_argument("--model", default="repvgg_a0", help="a timm model name")

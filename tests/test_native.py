@@ -329,3 +329,21 @@ def test_tensor_subclasses_take_the_eager_path(monkeypatch):
     opt.step()
     assert not calls
     assert native.prepare(torch.zeros(8, 8, 3, 3).as_subclass(Wrapped), mult) is None
+
+
+def test_disjoint_compares_the_byte_ranges_tensors_span():
+    """The overlap check the kernels' restrict pointers rely on (native.disjoint, run for every target weight on every
+    step): the range from a tensor's first to its last element, contiguous, channels_last or strided."""
+    flat = torch.zeros(40, dtype=torch.float64)
+    assert native.disjoint([flat[:10], flat[10:20], flat[20:]])
+    assert not native.disjoint([flat[:10], flat[9:20]])  # one shared element
+    assert not native.disjoint([flat[:20], flat[5:8]])  # one inside the other
+    assert not native.disjoint([flat, flat])
+    assert native.disjoint([flat[:10], flat[10:10], flat[10:]])  # an empty tensor spans nothing
+    grid = flat.view(4, 10)
+    assert native.disjoint([grid[:, :5], grid[3:, 5:]])  # elements 0..34 and 35..39
+    assert not native.disjoint([grid[:, :5], grid[2:, 5:]])  # interleaved columns: their ranges overlap
+    assert not native.disjoint([flat.view(torch.float32)[19:21], flat[10:11]])  # bytes, not elements
+    w = torch.zeros(8, 6, 3, 3).to(memory_format=torch.channels_last)
+    assert native.disjoint([w, torch.zeros_like(w), torch.zeros(8, 6, 3, 3)])
+    assert not native.disjoint([w, w.as_strided((1,), (1,), w.numel() - 1)])  # its last element in memory

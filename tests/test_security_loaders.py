@@ -232,3 +232,63 @@ def test_idx_gzip_bomb_is_read_no_further_than_its_header_declares(tmp_path):
     finally:
         tracemalloc.stop()
     assert peak < 4 << 20, f"the loader held {peak} bytes for a file that declares 116"
+
+
+# ---------------------------------------------------------------- atomic_write: fsync before the rename, and after
+
+def _record_syncs(monkeypatch) -> list[str]:
+    import stat
+
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        mode = os.fstat(fd).st_mode
+        events.append(("fsync dir" if stat.S_ISDIR(mode) else "fsync file", os.fstat(fd).st_ino))
+        return real_fsync(fd)
+
+    def replace(src, dst):
+        events.append(("replace", os.stat(src).st_ino))
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    return events
+
+
+def test_atomic_write_syncs_the_file_before_the_rename_and_the_folder_after(tmp_path, monkeypatch):
+    from repopt._io import write_text
+
+    target = tmp_path / "checkpoint.json"
+    target.write_text("old")
+    events = _record_syncs(monkeypatch)
+    write_text(target, "new")
+    assert [e for e, _ in events] == ["fsync file", "replace", "fsync dir"]
+    assert events[0][1] == events[1][1] == target.stat().st_ino  # the file synced is the one renamed into place
+    assert events[2][1] == tmp_path.stat().st_ino and target.read_text() == "new"
+
+
+def test_atomic_write_where_the_folder_refuses_fsync_and_where_the_file_cannot_be_synced(tmp_path, monkeypatch):
+    import errno
+    import stat
+
+    from repopt._io import WriteError, write_text
+
+    real_fsync = os.fsync
+
+    def folder_refuses(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", folder_refuses)
+    write_text(tmp_path / "a.json", "new")  # the platform's refusal is not an error
+    assert (tmp_path / "a.json").read_text() == "new"
+
+    def disk_fails(fd):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", disk_fails)
+    with pytest.raises(WriteError, match=r"a.json could not be written \(Input/output error\); the previous file"):
+        write_text(tmp_path / "a.json", "newer")
+    assert (tmp_path / "a.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]

@@ -46,8 +46,9 @@ class WriteError(OSError):
 def atomic_write(path: str | os.PathLike, write) -> Path:
     """Call write(tmp_path), then rename it over `path`: a crash or a full disk never leaves `path` half-written.
 
-    The temporary file sits beside `path` and keeps its suffix (so writers that pick a format from the name, such as
-    matplotlib, still work). Temporaries that a killed process left beside `path` (their pid no longer runs) are
+    The temporary is fsync'ed before the rename and its folder after it, so that after a power loss `path` holds the
+    old file or the new one, never a new name over blocks not yet written. The temporary file sits beside `path` and
+    keeps its suffix (so writers that pick a format from the name, such as matplotlib, still work). Temporaries that a killed process left beside `path` (their pid no longer runs) are
     removed first. An OSError of the write becomes a WriteError naming `path`; other errors (torch.save's
     RuntimeError, ...) pass as they are. Returns `path`.
     """
@@ -56,7 +57,9 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
     tmp = _temp_path(path)
     try:
         write(tmp)
+        _fsync_file(tmp)  # the data on disk before the name points at it: else a power loss can leave zeros
         os.replace(tmp, path)
+        _fsync_directory(path.parent)  # and the rename itself
     except WriteError:
         raise
     except OSError as e:
@@ -65,6 +68,31 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
         if tmp.exists():
             tmp.unlink()
     return path
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDWR if os.name == "nt" else os.O_RDONLY)  # Windows' fsync needs a writable handle
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_directory(folder: Path) -> None:
+    """fsync a folder (its entries: the rename); skipped where the platform refuses it (Windows cannot open a
+    folder, some file systems answer EINVAL): the file itself was already synced."""
+    if os.name == "nt":
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # the rename is done and the data synced; a folder that refuses fsync cannot do better
+    finally:
+        os.close(fd)
 
 
 def check_writable(path: str | os.PathLike) -> None:

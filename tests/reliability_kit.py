@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 MARKER = "PWNED"  # what the pickled code in the malicious files would create
-FAST = ["--epochs", "2", "--image-size", "16", "--batch-size", "128"]
+FAST = ["--arch", "repopt_vgg_tiny", "--epochs", "2", "--image-size", "16", "--batch-size", "128"]
 STEPS_PER_EPOCH = 1437 // 128  # digits: 1437 training images
 MODEL_FILE = "model.safetensors"
 
@@ -278,7 +278,8 @@ def amp_skipped_steps(ws: Workspace, folder: Path, steps=(1, 4, 6)) -> dict:
             "metrics": read_metrics(out / "metrics.jsonl")}
 
 
-CRASH_COMMAND = ["train", "--method", "plain", "--epochs", "3", "--image-size", "16", "--batch-size", "128", "--quiet"]
+CRASH_COMMAND = ["train", "--method", "plain", "--arch", "repopt_vgg_tiny", "--epochs", "3", "--image-size", "16",
+                 "--batch-size", "128", "--quiet"]
 
 
 def kill_and_resume(folder: Path, timeout: float = 300) -> dict:

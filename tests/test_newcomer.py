@@ -101,3 +101,78 @@ def test_ghostnet_pipeline_runs_repopt_and_plain(tmp_path, capsys, one_thread):
     assert [r["method"] for r in report["results"]] == ["repopt", "plain"]
     assert "repvgg" in report["skipped_methods"]
     assert "Not run: repopt_ghostnet_0_5x has no multi-branch" in (out / "report.md").read_text()
+
+# --- one source of defaults: TrainConfig's, the pipeline's change in one place, each command says what it uses ---
+
+def _parsed(*argv):
+    return cli.build_parser().parse_args(list(argv))
+
+
+def test_train_search_and_pipeline_default_to_trainconfigs_arch(tmp_path):
+    from repopt.app.commands.common import DEFAULTS, config_from_args
+    from repopt.app.train import TrainConfig
+
+    assert DEFAULTS["arch"] == TrainConfig().arch == "repopt_vgg_a0"  # the README's demo net
+    configs = {c: config_from_args(_parsed(c, "--quiet"), "repopt", str(tmp_path / c))
+               for c in ("train", "search", "pipeline")}
+    assert {c: cfg.arch for c, cfg in configs.items()} == dict.fromkeys(configs, "repopt_vgg_a0")
+    assert {c: cfg.epochs for c, cfg in configs.items()} == {"train": 30, "search": 30, "pipeline": 6}
+    for cfg in configs.values():  # everything else is TrainConfig's own
+        assert (cfg.dataset, cfg.batch_size, cfg.lr_base_size, cfg.label_smoothing) == \
+            (TrainConfig.dataset, TrainConfig.batch_size, TrainConfig.lr_base_size, TrainConfig.label_smoothing)
+
+
+def test_the_help_shows_trainconfigs_defaults(capsys):
+    from repopt.app.train import TrainConfig
+
+    with pytest.raises(SystemExit):
+        _parsed("train", "--help")
+    text = " ".join(capsys.readouterr().out.split())
+    assert f"default {TrainConfig.arch};" in text and f"(default {TrainConfig.epochs})" in text
+    with pytest.raises(SystemExit):
+        _parsed("pipeline", "--help")
+    assert "(default 6)" in " ".join(capsys.readouterr().out.split())
+
+
+def test_the_pipelines_scales_fit_a_train_with_its_defaults(tmp_path):
+    """The defect: the pipeline's search was of repopt_vgg_a0, `repopt train` built repopt_vgg_tiny."""
+    from repopt.app.commands.common import config_from_args
+
+    pipe = config_from_args(_parsed("pipeline", "--quiet"), "repopt", str(tmp_path / "p"))
+    train = config_from_args(_parsed("train", "--quiet", "--scales", "p/search/scales.safetensors"), "repopt",
+                             str(tmp_path / "t"))
+    assert pipe.arch == train.arch and pipe.model_options == train.model_options
+
+
+def test_each_command_prints_its_settings_in_one_line(tmp_path, capsys):
+    from repopt.app.commands.common import config_from_args
+
+    config_from_args(_parsed("train", "--epochs", "3"), "repopt", str(tmp_path / "t"))
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == [f"[train] arch repopt_vgg_a0 (default), dataset digits (default), epochs 3, batch size 64 "
+                     f"(default), seed 0 -> {tmp_path / 't'}"]
+    config_from_args(_parsed("pipeline", "--arch", "repopt_vgg_tiny"), "repopt", str(tmp_path / "p"))
+    assert capsys.readouterr().out.startswith("[pipeline] arch repopt_vgg_tiny, dataset digits (default), epochs 6 "
+                                              "(default),")
+    config_from_args(_parsed("search", "--quiet"), "hs", str(tmp_path / "s"))
+    config_from_args(_parsed("search", "--json"), "hs", str(tmp_path / "s"))
+    assert capsys.readouterr().out == ""  # --quiet and --json print nothing else
+
+
+def test_a_command_default_must_be_a_trainconfig_setting():
+    import argparse
+
+    from repopt.app.commands.common import add_training_arguments
+
+    with pytest.raises(ValueError, match="not TrainConfig settings: epoch"):
+        add_training_arguments(argparse.ArgumentParser(), "runs/x", defaults={"epoch": 6})
+
+
+def test_a_recipes_settings_are_not_called_defaults(tmp_path, capsys):
+    from repopt.app.commands.common import config_from_args
+
+    config_from_args(_parsed("train", "--recipe", "imagenet-repvgg-b1"), "repopt", str(tmp_path / "t"))
+    line = capsys.readouterr().out
+    assert line.startswith("[train] arch repopt_vgg_b1, dataset folder, epochs 120, batch size 256, recipe "
+                           "imagenet-repvgg-b1"), line
+

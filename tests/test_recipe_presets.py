@@ -53,7 +53,7 @@ def test_explicit_flags_override_the_preset_and_are_listed():
     assert cfg_of("--recipe", "imagenet-repvgg-b1", "--epochs", "120").recipe_overrides == []
     plain = cfg_of()
     assert (plain.method, plain.arch, plain.epochs, plain.batch_size, plain.recipe) == \
-        ("repopt", "repopt_vgg_tiny", 30, 64, None)
+        ("repopt", "repopt_vgg_a0", 30, 64, None)
     with pytest.raises(SystemExit):
         cfg_of("--recipe", "imagenet-resnet50")
 

@@ -292,3 +292,45 @@ def test_atomic_write_where_the_folder_refuses_fsync_and_where_the_file_cannot_b
     with pytest.raises(WriteError, match=r"a.json could not be written \(Input/output error\); the previous file"):
         write_text(tmp_path / "a.json", "newer")
     assert (tmp_path / "a.json").read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+# ---------------------------------------------------------------- CIFAR pickles: no uninitialised arrays
+
+class _UninitialisedArray:
+    """Pickles as numpy.ndarray((4096,), 'u1') called directly: an array of whatever memory held."""
+
+    def __reduce__(self):
+        import numpy as np
+
+        return np.ndarray, ((4096,), "u1")
+
+
+class _ReconstructedWithoutData:
+    """Pickles as numpy's _reconstruct(ndarray, (4096,), b'b') with no __setstate__: the same, by another call."""
+
+    def __reduce__(self):
+        import numpy as np
+
+        try:
+            from numpy._core.multiarray import _reconstruct
+        except ImportError:  # numpy 1.x
+            from numpy.core.multiarray import _reconstruct
+        return _reconstruct, (np.ndarray, (4096,), b"b")
+
+
+@pytest.mark.parametrize("payload", [_UninitialisedArray, _ReconstructedWithoutData])
+def test_cifar_pickle_cannot_make_an_uninitialised_array(tmp_path, payload):
+    import numpy as np
+
+    from repopt.data.errors import DataError
+    from repopt.data.safe_pickle import load_plain_pickle
+
+    path = tmp_path / "data_batch_1"
+    path.write_bytes(pickle.dumps({"data": payload(), "labels": []}, protocol=2))
+    with pytest.raises(DataError, match=r"data_batch_1 is not a valid pickle \(UnpicklingError: refused numpy"):
+        load_plain_pickle(path)
+    # a real array still loads, under every protocol
+    array = np.arange(3072, dtype=np.uint8).reshape(1, 3072)
+    for protocol in (2, pickle.HIGHEST_PROTOCOL):
+        path.write_bytes(pickle.dumps({"data": array, "labels": [3]}, protocol=protocol))
+        assert np.array_equal(load_plain_pickle(path)["data"], array)

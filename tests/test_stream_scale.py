@@ -46,8 +46,9 @@ def test_two_ranks_on_a_streamed_folder_equal_one_process(tmp_path, busy_ports):
     from safetensors.torch import load_file
 
     write_jpeg_folder(tmp_path / "data", per_class=8, val_per_class=3)
-    common = ["train", "--method", "plain", "--dataset", "folder", "--data-dir", str(tmp_path / "data"),
-              "--loader", "stream", "--augment", "raug15", "--epochs", "1", "--image-size", "16", "--batch-size", "12",
+    common = ["train", "--method", "plain", "--arch", "repopt_vgg_tiny", "--dataset", "folder", "--data-dir",
+              str(tmp_path / "data"), "--loader", "stream", "--augment", "raug15", "--epochs", "1", "--image-size",
+              "16", "--batch-size", "12",
               "--quiet", "--json"]
     ddp = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "repopt", *common,
                 "--workers", "1", "--out", str(tmp_path / "ddp")])  # --standalone: a free port

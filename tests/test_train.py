@@ -84,8 +84,8 @@ def test_ddp_two_processes_equal_single_process(tmp_path, scales_file, busy_port
     """torchrun, 2 CPU ranks (gloo), per-rank batch 64 == one process with the 128 global batch in two micro-batches
     (BatchNorm sees the same 64 images either way, so the trained weights agree). `--standalone` lets torchrun pick
     a free port: torch's default 29500 and the fixed port this test used before are held busy (busy_ports)."""
-    common = ["train", "--method", "repopt", "--scales", scales_file, "--epochs", "1", "--image-size", "16",
-              "--batch-size", "128", "--quiet"]
+    common = ["train", "--method", "repopt", "--arch", "repopt_vgg_tiny", "--scales", scales_file, "--epochs", "1",
+              "--image-size", "16", "--batch-size", "128", "--quiet"]
     ddp = _run(["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "repopt", *common,
                 "--out", str(tmp_path / "ddp")])
     assert ddp.returncode == 0, ddp.stderr[-2000:]
@@ -202,7 +202,7 @@ def test_the_demo_is_a0_for_6_epochs_at_the_papers_per_256_rate(tmp_path, monkey
     assert main(["pipeline", "--recipe", "imagenet-repopt-vgg-b1", "--quiet", "--out", str(tmp_path / "r")]) == 130
     assert started.pop().arch == "repopt_vgg_b1"  # the recipe's, not the demo's (and not reported as overridden)
     assert main(["train", "--quiet", "--out", str(tmp_path / "t")]) == 130
-    assert started.pop().arch == "repopt_vgg_tiny"  # train keeps its own default
+    assert started.pop().arch == "repopt_vgg_a0"  # train: the same net, so the pipeline's scales fit it
 
 
 def test_search_has_no_hs_epochs_and_zero_is_refused(capsys, monkeypatch, tmp_path):

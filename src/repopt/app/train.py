@@ -40,7 +40,7 @@ class TrainingError(RuntimeError):
 @dataclass
 class TrainConfig:
     method: str = "repopt"
-    arch: str = "repopt_vgg_tiny"
+    arch: str = "repopt_vgg_a0"    # the demo's 22-layer net, the default of every command (README)
     dataset: str = "digits"
     data_dir: str | None = None
     image_size: int | None = None

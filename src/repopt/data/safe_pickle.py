@@ -20,14 +20,35 @@ except ImportError:  # pragma: no cover - numpy 1.x
 
 from .errors import DataError
 
+
+class _ArrayType:
+    """What the pickle gets for numpy.ndarray: a stand-in only `_empty_array` accepts. The class itself, called (by
+    REDUCE) or passed to _reconstruct with a shape, would hand back an array of uninitialised memory (as large as the
+    pickle asks for) that no __setstate__ ever fills."""
+
+    def __call__(self, *args, **kwargs):
+        raise pickle.UnpicklingError("refused numpy.ndarray called directly (it returns uninitialised memory)")
+
+
+_ARRAY = _ArrayType()
+
+
+def _empty_array(subtype, shape, dtype):
+    # numpy pickles every array as _reconstruct(ndarray, (0,), b'b') followed by __setstate__ with the data
+    if subtype is not _ARRAY or tuple(shape) != (0,):
+        raise pickle.UnpicklingError(f"refused numpy _reconstruct with shape {shape!r} (numpy writes (0,), then the "
+                                     f"data)")
+    return _multiarray._reconstruct(np.ndarray, (0,), dtype)
+
+
 # (module, name) -> object. Resolved here rather than imported by name, so that an old "numpy.core" reference neither
 # triggers numpy 2's deprecation shim nor depends on which numpy wrote the file.
 _ALLOWED = {
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "ndarray"): _ARRAY,
     ("numpy", "dtype"): np.dtype,
     # protocols 0-4: arrays are rebuilt by _reconstruct + __setstate__; numpy scalars by scalar()
-    ("numpy.core.multiarray", "_reconstruct"): _multiarray._reconstruct,
-    ("numpy._core.multiarray", "_reconstruct"): _multiarray._reconstruct,
+    ("numpy.core.multiarray", "_reconstruct"): _empty_array,
+    ("numpy._core.multiarray", "_reconstruct"): _empty_array,
     ("numpy.core.multiarray", "scalar"): _multiarray.scalar,
     ("numpy._core.multiarray", "scalar"): _multiarray.scalar,
     # protocol 5: contiguous arrays are rebuilt from an out-of-band-capable buffer

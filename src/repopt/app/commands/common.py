@@ -1,47 +1,53 @@
 """Arguments shared by `repopt train`, `search` and `pipeline`, and their translation into a TrainConfig."""
 from __future__ import annotations
 
+import dataclasses
+
 from ..train import TrainConfig
 
+# What a flag left out means when no --recipe gives it is TrainConfig's default (app/train.py), the one definition;
+# a command may change a few of them (`defaults=`: the pipeline's shorter runs), and says so in its help. The
+# argparse defaults are None so that a recipe can tell a flag given explicitly from one left out.
+DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig) if f.default is not dataclasses.MISSING}
 
-# What a flag left out means when no --recipe gives it (argparse defaults are None so that a recipe can tell a flag
-# given explicitly from one left out).
-BUILTIN = dict(arch="repopt_vgg_tiny", dataset="digits", batch_size=64, lr_base_size=256, label_smoothing=0.1)
 
-
-def add_training_arguments(p, out_default: str, epochs_default: int = 30, hs_epochs: bool = True,
-                           arch_default: str = BUILTIN["arch"]) -> None:
+def add_training_arguments(p, out_default: str, hs_epochs: bool = True, defaults: dict | None = None) -> None:
     """The data, model and training flags; `hs_epochs` for the commands that run a hyper-search before training.
-    `epochs_default` / `arch_default`: the command's own defaults, below a --recipe's values."""
+    `defaults`: the command's own changes to TrainConfig's defaults, below a --recipe's values."""
     from ...data import DATASETS
     from .data_args import add_data_arguments, add_recipe_argument
 
-    p.set_defaults(_epochs_default=epochs_default, _arch_default=arch_default)
+    unknown = set(defaults or {}) - set(DEFAULTS)
+    if unknown:
+        raise ValueError(f"not TrainConfig settings: {', '.join(sorted(unknown))}")
+    own = {**DEFAULTS, **(defaults or {})}
+    p.set_defaults(_command_defaults=dict(defaults or {}))
     add_recipe_argument(p)
     g = p.add_argument_group("data and model")
     g.add_argument("--dataset", default=None, choices=DATASETS,
-                   help="digits (embedded, default), cifar10, cifar100, folder (ImageFolder train/ val/), mnist or "
+                   help=f"{own['dataset']} (default; digits: embedded), cifar10, cifar100, folder (ImageFolder train/ val/), mnist or "
                         "fashion-mnist (IDX files; fashion-mnist defaults to /usr/share/datasets/fashion-mnist)")
     g.add_argument("--data-dir", default=None, help="dataset root (cifar10/cifar100/folder/mnist/fashion-mnist)")
     g.add_argument("--image-size", type=int, default=None,
                    help="input size in pixels (default: 16 digits, 28 mnist/fashion-mnist, 32 otherwise)")
     g.add_argument("--train-subset", type=int, default=None, metavar="N",
                    help="train on a fixed, class-balanced subset of N training images (the test split is whole)")
-    g.add_argument("--arch", default=None, help=f"model name (default {arch_default}; see `repopt train "
+    g.add_argument("--arch", default=None, help=f"model name (default {own['arch']}; see `repopt train "
                                                 "--list-archs`), or timm:NAME for a timm model built fresh and made "
                                                 "plain by repopt.to_target (docs/timm.md)")
     g.add_argument("--force-reinit", action="store_true", help="apply RepOpt's rule of initialization even where "
                    "the model's BatchNorms look trained (running statistics moved)")
     add_data_arguments(g)
     g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {epochs_default})")
+    g.add_argument("--epochs", type=int, default=None, help=f"training epochs (default {own['epochs']})")
     if hs_epochs:
         g.add_argument("--hs-epochs", type=int, default=None, help="hyper-search epochs (default: --epochs)")
-    g.add_argument("--batch-size", type=int, default=None, help="global batch per optimizer step (default 64)")
+    g.add_argument("--batch-size", type=int, default=None, help=f"global batch per optimizer step (default {own['batch_size']})")
     g.add_argument("--lr-base", type=float, default=None,
                    help="peak learning rate per --lr-base-size images, scaled to the global batch as the paper does "
                         "(default: sgd 0.1 per 256, linear; adamw 4e-3 and lion 4e-4 per 256, sqrt)")
-    g.add_argument("--lr-base-size", type=int, default=None, help="the batch size --lr-base is given for (256)")
+    g.add_argument("--lr-base-size", type=int, default=None, help=f"the batch size --lr-base is given for "
+                                                                             f"({own['lr_base_size']})")
     g.add_argument("--lr", type=float, default=None,
                    help="absolute peak learning rate; overrides --lr-base (default: from --lr-base)")
     g.add_argument("--weight-decay", type=float, default=None,
@@ -49,7 +55,7 @@ def add_training_arguments(p, out_default: str, epochs_default: int = 30, hs_epo
     g.add_argument("--warmup-epochs", type=float, default=None,
                    help="linear warmup before the cosine decay (default: the first 5/120 of the run, the paper's "
                         "ImageNet proportion)")
-    g.add_argument("--label-smoothing", type=float, default=None, help="default 0.1")
+    g.add_argument("--label-smoothing", type=float, default=None, help=f"default {own['label_smoothing']}")
     g.add_argument("--accumulate", type=int, default=1, help="micro-batches per optimizer step")
     g.add_argument("--amp", action="store_true", help="mixed precision (bf16 on CPU, fp16 + GradScaler on CUDA)")
     g.add_argument("--channels-last", action="store_true")
@@ -85,12 +91,28 @@ def config_from_args(args, method: str, out: str, epochs: int | None = None, **o
     if options:
         given["data_options"] = options
     settings, overridden = merge_preset(args.recipe, given)
-    defaults = {**BUILTIN, "method": method, "epochs": args._epochs_default, "arch": args._arch_default}
+    defaults = {"method": method, **args._command_defaults}  # the rest: TrainConfig's own
+    defaulted = [k for k in ("arch", "dataset", "epochs", "batch_size") if k not in settings]  # nor a recipe's
     settings = {**{k: v for k, v in defaults.items() if k not in settings}, **settings}
-    return TrainConfig(out=out, train_subset=args.train_subset, accumulate=args.accumulate, amp=args.amp,
+    cfg = TrainConfig(out=out, train_subset=args.train_subset, accumulate=args.accumulate, amp=args.amp,
                        channels_last=args.channels_last, ema=args.ema, eval_every=args.eval_every, seed=args.seed,
                        device=args.device, quiet=args.quiet, recipe=args.recipe, recipe_overrides=sorted(overridden),
                        force_reinit=args.force_reinit, **settings)
+    announce_settings(args, cfg, defaulted)
+    return cfg
+
+
+def announce_settings(args, cfg: TrainConfig, defaulted: list[str]) -> None:
+    """One line at the start of `train`, `search` and `pipeline`: what the run uses, and which of it are defaults
+    (the settings a newcomer did not choose; a pipeline's scales fit a `train` of the same --arch)."""
+    import os
+
+    if cfg.quiet or getattr(args, "json", False) or os.environ.get("RANK", "0") != "0":  # torchrun: rank 0 speaks
+        return
+    shown = {"arch": cfg.arch, "dataset": cfg.dataset, "epochs": cfg.epochs, "batch_size": cfg.batch_size}
+    text = ", ".join(f"{k.replace('_', ' ')} {v}" + (" (default)" if k in defaulted else "") for k, v in shown.items())
+    recipe = f", recipe {cfg.recipe}" if cfg.recipe else ""
+    print(f"[{args.command}] {text}{recipe}, seed {cfg.seed} -> {cfg.out}", flush=True)
 
 
 def hs_epochs_of(args, cfg: TrainConfig) -> int:
@@ -99,3 +121,4 @@ def hs_epochs_of(args, cfg: TrainConfig) -> int:
     from ..cli import at_least_one
 
     return cfg.epochs if args.hs_epochs is None else at_least_one(args.hs_epochs, "--hs-epochs")
+

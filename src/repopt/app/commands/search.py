@@ -6,7 +6,7 @@ import json
 NAME = "search"
 HELP = "Hyper-search: train the HS model (trainable branch scales) and write the scales file for RepOpt."
 EXAMPLES = """examples:
-  repopt search --epochs 30 --out runs/search                      # embedded digits, repopt_vgg_tiny
+  repopt search --epochs 30 --out runs/search                      # embedded digits, repopt_vgg_a0
   repopt search --dataset cifar100 --data-dir ~/data --arch repopt_vgg_b1 --epochs 240 -o b1.safetensors
 The scales file is OUT/scales.safetensors (and a copy at -o/--output when given).
 """

@@ -3,9 +3,10 @@
 One pair of moments (m, v) of the raw gradient G is kept per parameter, under torch's own state keys; a target conv's
 step is  W' <- W' (1 - lr wd) - lr m_hat * U  with U from the branch scales, instead of m_hat / (sqrt(v_hat) + eps).
 Parameters without branch scales go through torch's functional `adamw` unchanged (all its paths). Target convs take
-the native CPU kernel where it builds (native.py: the whole update in one pass, float32/float64 CPU weights), else the
-eager tensor ops of `_step_target`. Both round every operation alike except the square root: torch's CPU sqrt is not
-correctly rounded (the kernel's is), so the two differ by at most eps |p'| + 8 eps |step| per step
+(PATHS, routed in base.py before anything changes) the Triton kernels on CUDA (triton_kernels.py), the native CPU
+kernel where it builds (native.py: the whole update in one pass, float32/float64 CPU weights), else the eager tensor
+ops of `_step_target`. The native and eager paths round every operation alike except the square root: torch's CPU
+sqrt is not correctly rounded (the kernel's is), so the two differ by at most eps |p'| + 8 eps |step| per step
 (tests/test_native.py); with a correctly rounded sqrt they agree bit for bit.
 """
 from __future__ import annotations
@@ -19,7 +20,7 @@ from torch.optim.adamw import adamw
 
 from . import native as native_kernel
 from . import triton_kernels
-from .base import RepOptMixin
+from .base import Path, RepOptMixin, always
 
 
 def _prepare(p: Tensor, mult):
@@ -29,6 +30,8 @@ def _prepare(p: Tensor, mult):
 class RepOptAdamW(RepOptMixin, torch.optim.AdamW):
     _accepts_fixed_multiplier = False
     _default_weight_decay = 1e-2
+    _kind, _native_prepare = "adamw", staticmethod(_prepare)
+    _STATE_KEYS = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq")
 
     def __init__(self, params, lr: float | Tensor = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8,
                  weight_decay: float = 1e-2, amsgrad: bool = False, *, maximize: bool = False,
@@ -68,84 +71,75 @@ class RepOptAdamW(RepOptMixin, torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure=None):
+        """Gather, route (every target weight's path is decided before anything changes), dispatch."""
         loss = self._evaluate_closure(closure)
         self._begin_step_paths()
-        grad_scale, found_inf = getattr(self, "grad_scale", None), getattr(self, "found_inf", None)
-        for gi, group in enumerate(self.param_groups):
-            plain = ([], [], [], [], [], [])
-            use_native, fast, tri = self._native_allowed(group), [], []
-            use_triton: dict[torch.device, bool] = {}
-            for p, bs in zip(group["params"], self._multipliers[gi]):
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("RepOptAdamW does not support sparse gradients")
-                state = self._state_of(p, group, target=bs is not None)
-                if bs is None:
-                    for lst, item in zip(plain, (p, p.grad, state["exp_avg"], state["exp_avg_sq"],
-                                                 state.get("max_exp_avg_sq"), state["step"])):
-                        if item is not None:
-                            lst.append(item)
-                else:  # the one place that picks a target weight's path: Triton (GPU), native (CPU), eager
-                    moments = (state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"))
-                    if p.device not in use_triton:
-                        use_triton[p.device] = self._triton_device(group, p.device)
-                    if use_triton[p.device] and triton_kernels.takes(p, bs, p.grad, *moments):
-                        tri.append((p, bs, p.grad, *moments, state))
-                        continue
-                    job = self._native_job(p, bs, _prepare) if use_native else None
-                    if job is not None and native_kernel.takes(p, p.grad, state["exp_avg"], state["exp_avg_sq"],
-                                                               state.get("max_exp_avg_sq")):
-                        fast.append((p, p.grad, state, job))
-                    else:
-                        self._step_target(p, bs, state, group, grad_scale, found_inf)
-                        self._took("eager")
-            if fast:
-                self._step_native(group, fast)
-                self._took("native", len(fast))
-            if tri:
-                self._step_triton(group, tri, grad_scale, found_inf)
-                self._took("triton", len(tri))
-            if plain[0]:
-                beta1, beta2 = group["betas"]
-                adamw(*plain, foreach=group["foreach"], capturable=group["capturable"],
-                      differentiable=group["differentiable"], fused=group["fused"], grad_scale=grad_scale,
-                      found_inf=found_inf, amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
-                      weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
+        self._dispatch(self._route())
         return loss
 
-    @staticmethod
-    def _step_triton(group, tri: list, grad_scale, found_inf) -> None:
-        """The target weights of a group in one Triton launch per dtype and step count. Under GradScaler found_inf is
-        read on the host (one sync per step): a skipped step must not count."""
+    # ---- the paths: PATHS (end of the class) is the table the router tries in order --------------------------------
+    def _step_plain(self, group, params: list) -> None:
+        """Parameters without branch scales: torch's functional adamw, as torch.optim.AdamW steps them."""
+        plain = ([], [], [], [], [], [])
+        for p in params:
+            state = self._state_of(p, group, target=False)
+            for lst, item in zip(plain, (p, p.grad, state["exp_avg"], state["exp_avg_sq"],
+                                         state.get("max_exp_avg_sq"), state["step"])):
+                if item is not None:
+                    lst.append(item)
+        beta1, beta2 = group["betas"]
+        adamw(*plain, foreach=group["foreach"], capturable=group["capturable"],
+              differentiable=group["differentiable"], fused=group["fused"],
+              grad_scale=getattr(self, "grad_scale", None), found_inf=getattr(self, "found_inf", None),
+              amsgrad=group["amsgrad"], beta1=beta1, beta2=beta2, lr=group["lr"],
+              weight_decay=group["weight_decay"], eps=group["eps"], maximize=group["maximize"])
+
+    def _moments(self, group, p: Tensor) -> tuple[dict, tuple]:
+        """p's state (created now on a first step) and its moments (exp_avg, exp_avg_sq, max_exp_avg_sq or None)."""
+        state = self._state_of(p, group, target=True)
+        return state, (state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"))
+
+    def _step_triton(self, group, items: list) -> None:
+        """The target weights of a group in one Triton launch per step count. Under GradScaler found_inf is read on
+        the host (one sync per step): a skipped step must not count."""
+        states = [(p, mult, grad, *self._moments(group, p)) for p, grad, mult, *_ in items]
+        self._took("triton", len(items))
+        found_inf = getattr(self, "found_inf", None)
         if found_inf is not None and bool(found_inf.item()):
             return
         calls: dict[float, list] = {}
-        for *item, state in tri:
+        for p, mult, grad, state, moments in states:
             state["step"] += 1
-            calls.setdefault(float(state["step"]), []).append(tuple(item))
-        for step, items in calls.items():
-            triton_kernels.adamw_step(items, group, step, grad_scale)
+            calls.setdefault(float(state["step"]), []).append((p, mult, grad, *moments))
+        for step, batch in calls.items():
+            triton_kernels.adamw_step(batch, group, step, getattr(self, "grad_scale", None))
 
-    @staticmethod
-    def _step_native(group, fast: list) -> None:
-        """The target weights of a group in one native call per dtype and step count (the bias corrections)."""
+    def _step_native(self, group, items: list) -> None:
+        """The target weights of a group in one native call per step count (the bias corrections)."""
         beta1, beta2 = group["betas"]
         lr = group["lr"]
         lr = float(lr.item() if isinstance(lr, Tensor) else lr)
-        calls: dict[tuple, tuple[list, list]] = {}
-        for p, grad, state, (job, coef) in fast:
+        calls: dict[float, tuple[list, list]] = {}
+        for p, grad, mult, *_ in items:
+            state, moments = self._moments(group, p)
+            job, coef = self._native_job(p, mult, _prepare)
             state["step"] += 1
-            jobs, tensors = calls.setdefault((p.dtype, float(state["step"])), ([], []))
-            moments = (state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"))
+            jobs, tensors = calls.setdefault(float(state["step"]), ([], []))
             jobs.append(native_kernel.bind_adaptive(job, p, grad, *moments))
             tensors += [p, grad, *moments, coef]
-        for (dtype, step), (jobs, tensors) in calls.items():
-            native_kernel.adaptive_step(jobs, native_kernel.ADAMW, dtype, tensors, lr=lr,
+        for step, (jobs, tensors) in calls.items():
+            native_kernel.adaptive_step(jobs, native_kernel.ADAMW, items[0][0].dtype, tensors, lr=lr,
                                         weight_decay=float(group["weight_decay"]), beta1=beta1, beta2=beta2,
                                         eps=float(group["eps"]), maximize=group["maximize"],
                                         bias_correction1=1 - beta1 ** step,
                                         bias_correction2_sqrt=math.sqrt(1 - beta2 ** step), amsgrad=group["amsgrad"])
+        self._took("native", len(items))
+
+    def _step_eager(self, group, items: list) -> None:
+        for p, _, mult, *_ in items:
+            self._step_target(p, mult, self._state_of(p, group, target=True), group,
+                              getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+        self._took("eager", len(items))
 
     @staticmethod
     def _step_target(p: Tensor, bs, state: dict, group, grad_scale, found_inf) -> None:
@@ -172,3 +166,8 @@ class RepOptAdamW(RepOptMixin, torch.optim.AdamW):
         bias_correction2_sqrt = math.sqrt(1 - beta2 ** step)
         factor = bs.adamw_factor(exp_avg_sq.sqrt() / bias_correction2_sqrt, eps)
         p.addcmul_(exp_avg, factor, value=-lr / bias_correction1)
+
+    # the router's table (base.py), in order of preference: Triton (CUDA), native (CPU), eager (which takes everything)
+    PATHS = (Path("triton", RepOptMixin._opens_triton, RepOptMixin._takes_triton, _step_triton),
+             Path("native", RepOptMixin._opens_native, RepOptMixin._takes_native, _step_native),
+             Path("eager", always, always, _step_eager))

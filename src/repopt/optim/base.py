@@ -1,24 +1,81 @@
-"""What the three RepOpt optimizers share: binding multipliers to parameters, checkpoints, and `from_scales`.
+"""What the three RepOpt optimizers share: binding multipliers to parameters, the router, checkpoints, `from_scales`.
 
 The multipliers are kept *next to* the param groups (one entry per parameter, by position), never inside
 `optimizer.state`: torch's `load_state_dict` replaces the whole state, so anything stored there would vanish when a
 checkpoint without it is loaded. `state_dict()` adds the per-channel scales under one extra key so that a resumed run
 can be checked against the multipliers it started with.
 
-Every step records which path updated each target weight (`last_step_paths`, `path_counts`: "native", "compiled",
-"blocks", "whole", "eager"), so that a proof or a benchmark can assert the path it claims rather than the one asked for.
+A step is gather, route, dispatch, as in torch's own optimizers. The router (`_route`) gathers every param group's
+parameters with a gradient, groups the target weights by device and dtype (torch's
+`Optimizer._group_tensors_by_device_and_dtype`) and gives each the first row of the optimizer's PATHS table that
+opens for its device and takes it (every backend's `takes(p, grad, mult, *state)`); then the backends picked ready
+their code (`triton_kernels.warm_up`), all before any parameter or state changes, so a backend that cannot run
+(`paths.PathUnavailable`) leaves nothing half done. The rows, in order:
+
+    "compiled"  RepOptSGD(compiled=True) only: one torch.compile'd kernel per contiguous weight (compiled.py)
+    "triton"    CUDA weights where triton imports (triton=None), or as required (triton=True): one multi-tensor
+                launch per device and dtype (triton_kernels.py)
+    "native"    float32/float64 CPU weights where the C kernels build (native.py): one call per dtype
+    "blocks"    RepOptSGD: M * G block by block into a small scratch, then torch's sgd
+    "whole"     RepOptSGD: M * G as a full-size temporary (what cannot be cut in blocks; differentiable=True)
+    "eager"     RepOptAdamW / RepOptLion: the rule in tensor ops
+
+Every step records which path updated each target weight (`last_step_paths`, `path_counts`), so that a proof or a
+benchmark can assert the path it claims rather than the one asked for.
 """
 from __future__ import annotations
 
+import warnings
 from collections import Counter
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping, NamedTuple
 
 import torch
 from torch import Tensor, nn
+from torch.optim import Optimizer
 
 from ..branches import BranchSet, FixedMultiplier
+from .paths import PathUnavailable
 
 STATE_KEY = "repopt"
+
+
+class Path(NamedTuple):
+    """A row of an optimizer's PATHS table, which the router tries in order for each target weight."""
+    name: str
+    opens: Callable[..., bool]  # (opt, group, device): may it run for this group's weights on device? (once a step)
+    takes: Callable[..., bool]  # (opt, group, p, grad, mult, *state): does it take this weight?
+    step: Callable[..., None]   # (opt, group, items): update the weights it took, all of one device and dtype
+
+
+def _takes_mult_first() -> bool:
+    import inspect
+
+    from . import triton_kernels
+
+    return list(inspect.signature(triton_kernels.takes).parameters)[1] == "mult"
+
+
+_TRITON_TAKES_MULT_FIRST = _takes_mult_first()
+
+
+def _triton_by_default(device: torch.device) -> bool:
+    """Does triton=None pick the Triton kernels for weights on `device`? CUDA only (on CPU tensors they run only in
+    Triton's interpreter, for tests)."""
+    return device.type == "cuda"
+
+
+def always(*_) -> bool:
+    return True
+
+
+def _by_device_and_dtype(targets: list) -> list[list[int]]:
+    """The indices of `targets` (tuples led by the weight) per device and dtype, by torch's optimizers' own grouping.
+    While torch.compile traces, that grouping is left to inductor; then each weight is a batch of its own (a batch
+    shares one scratch buffer, one dtype)."""
+    groups = Optimizer._group_tensors_by_device_and_dtype([[t[0] for t in targets]], with_indices=True)
+    if torch.compiler.is_compiling():
+        return [[i] for i in range(len(targets))]
+    return [indices for _, indices in groups.values()]
 
 
 class RepOptMixin:
@@ -61,11 +118,90 @@ class RepOptMixin:
         return "+".join(sorted(self.last_step_paths))
 
     def _took(self, path: str, weights: int = 1) -> None:
-        """Record that `weights` target weights were updated by `path` ("native", "compiled", "blocks", "whole" or
-        "eager") in this step."""
+        """Record that `weights` target weights were updated by `path` (a row of PATHS) in this step."""
         if weights:
             self.last_step_paths[path] += weights
             self.path_counts[path] += weights
+
+    # ---- the router: every target weight gets its path before any parameter or state changes ----------------------
+    def _route(self) -> list[tuple[dict, list, list]]:
+        """[(group, plain, batches)] for every param group: plain, its parameters without a multiplier that have a
+        gradient; batches, [(path name, items)] of one device and dtype each, items (p, grad, mult, *state) with state
+        as `_state_keys` names it (None where it does not exist yet). Each target weight takes the first row of
+        `self.PATHS` that opens for its device and takes it; then the backends picked ready their code. Nothing has
+        changed yet, so one that cannot (PathUnavailable) is refused in one sentence (triton=True) or, with one
+        warning, left for the other paths (triton=None)."""
+        while True:
+            routed = []
+            for gi, group in enumerate(self.param_groups):
+                plain, targets = self._gather(gi, group)
+                routed.append((group, plain, self._assign(group, targets)))
+            try:
+                self._warm_up(routed)
+                return routed
+            except PathUnavailable as e:
+                if self.triton:
+                    raise PathUnavailable(f"{type(self).__name__}(triton=True): {e}") from None
+                warnings.warn(f"{type(self).__name__}: the Triton kernels cannot run here ({e}), so its target "
+                              f"weights take the eager path from now on", stacklevel=4)
+                self.triton = False
+
+    def _gather(self, gi: int, group) -> tuple[list, list]:
+        plain, targets = [], []
+        keys = self._state_keys(group)
+        for p, mult in zip(group["params"], self._multipliers[gi]):
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse and mult is not None:
+                raise RuntimeError(f"{mult.name}: {type(self).__name__} does not support sparse gradients on a "
+                                   f"parameter with a multiplier")
+            if p.grad.is_sparse and not self._sparse_plain:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            if mult is None:
+                plain.append(p)
+            else:
+                state = self.state.get(p)  # not self.state[p]: that would add an entry before the route is known
+                targets.append((p, p.grad, mult, *(None if state is None else state.get(k) for k in keys)))
+        return plain, targets
+
+    _sparse_plain = False  # may parameters without a multiplier have sparse gradients?
+    _STATE_KEYS: tuple[str, ...] = ()  # the state tensors of a target weight that its paths' `takes` check
+
+    def _state_keys(self, group) -> tuple[str, ...]:
+        return self._STATE_KEYS
+
+    def _assign(self, group, targets: list) -> list[tuple[str, list]]:
+        batches: list[tuple[str, list]] = []
+        if not targets:
+            return batches
+        for indices in _by_device_and_dtype(targets):
+            device = targets[indices[0]][0].device
+            open_paths = [path for path in self.PATHS if path.opens(self, group, device)]
+            taken: dict[str, list] = {}
+            for i in indices:
+                path = next(path for path in open_paths if path.takes(self, group, *targets[i]))
+                taken.setdefault(path.name, []).append(targets[i])
+            batches += taken.items()
+        return batches
+
+    def _warm_up(self, routed: list) -> None:
+        """Ready the Triton kernels of every group's Triton batches (compiles on a first use; PathUnavailable)."""
+        from . import triton_kernels
+
+        warm_up = getattr(triton_kernels, "warm_up", lambda kind, group, params: None)
+        for group, _, batches in routed:
+            params = [item[0] for name, items in batches if name == "triton" for item in items]
+            if params:
+                warm_up(self._kind, group, params)
+
+    def _dispatch(self, routed: list) -> None:
+        """Run each batch on the kernel its path names (PATHS), after the plain parameters' torch step."""
+        kernels = {path.name: path.step for path in self.PATHS}
+        for group, plain, batches in routed:
+            if plain:
+                self._step_plain(group, plain)
+            for name, items in batches:
+                kernels[name](self, group, items)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
@@ -101,22 +237,49 @@ class RepOptMixin:
                                    f"({triton_kernels.error()}); pip install 'repopt[triton]'")
         self.triton = triton
 
-    def _triton_device(self, group, device: torch.device) -> bool:
+    def _opens_triton(self, group, device: torch.device) -> bool:
         """May this step update `group`'s target weights on `device` with the Triton kernels?"""
         if self.triton is False or group.get("differentiable", False) or torch.compiler.is_compiling():
             return False
-        if self.triton is None and device.type != "cuda":
+        if self.triton is None and not _triton_by_default(device):
             return False
         from . import triton_kernels
 
         why = triton_kernels.usable(device)
         if why is not None and self.triton:
             raise RuntimeError(f"{type(self).__name__}(triton=True): {why}")
+        if why is not None:
+            self._say_once(f"{type(self).__name__}: {why}, so its target weights on {device} take the eager path, "
+                           f"which forms M * G in a pass of its own over each gradient and runs several small "
+                           f"kernels per weight where the Triton kernels run one launch per step")
         return why is None
+
+    def _takes_triton(self, group, p: Tensor, grad: Tensor, mult, *state) -> bool:
+        from . import triton_kernels
+
+        if _TRITON_TAKES_MULT_FIRST:  # TRANSITION: until triton_kernels.takes has the backends' one signature
+            return triton_kernels.takes(p, mult, grad, *state)
+        return triton_kernels.takes(p, grad, mult, *state)
+
+    def _say_once(self, message: str) -> None:
+        """A warning given once per optimizer (a step may ask every time it runs)."""
+        said = self.__dict__.setdefault("_said", set())
+        if message not in said:
+            said.add(message)
+            warnings.warn(message, stacklevel=4)
 
     def _unscale_pending(self) -> bool:
         """Has GradScaler handed this (fused) optimizer a scale to divide by and an inf flag to honour this step?"""
         return getattr(self, "grad_scale", None) is not None or getattr(self, "found_inf", None) is not None
+
+    def _opens_native(self, group, device: torch.device) -> bool:
+        return device.type == "cpu" and self._native_allowed(group)
+
+    def _takes_native(self, group, p: Tensor, grad: Tensor, mult, *state) -> bool:
+        from . import native as native_kernel
+
+        return (self._native_job(p, mult, self._native_prepare) is not None
+                and native_kernel.takes(p, grad, mult, *state))
 
     def _native_allowed(self, group) -> bool:
         """The native kernels: not asked off, built here, no AMP unscaling pending, not traced by torch.compile."""

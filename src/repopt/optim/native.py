@@ -188,12 +188,14 @@ def prepare_adaptive(p: Tensor, mult, kind: int) -> tuple[AdaptiveJob, Tensor] |
     return job, coef
 
 
-def takes(p: Tensor, grad: Tensor, *state: Tensor | None) -> bool:
-    """Can a prepared weight's step run natively with this gradient and these state tensors (None: absent)? They must
-    share p's dtype and strides and not overlap in memory (the kernels take them as `restrict` pointers)."""
+def takes(p: Tensor, grad: Tensor, mult, *state: Tensor | None) -> bool:
+    """Can a prepared weight's step run natively with this gradient, multiplier and these state tensors (None: absent)?
+    The multiplier must be branch scales (`prepare` checked p's layout once); the tensors must share p's dtype and
+    strides and not overlap in memory (the kernels take them as `restrict` pointers)."""
     stride = p.stride()
     tensors = [p, grad, *(t for t in state if t is not None)]
-    return (all(type(t) in _PLAIN and t.dtype == p.dtype and t.stride() == stride for t in tensors[1:])
+    return (isinstance(mult, BranchSet)
+            and all(type(t) in _PLAIN and t.dtype == p.dtype and t.stride() == stride for t in tensors[1:])
             and disjoint(tensors))
 
 

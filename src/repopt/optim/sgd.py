@@ -2,7 +2,8 @@
 
 Weight decay, momentum, dampening, nesterov and maximize then act exactly as in torch.optim.SGD, in torch's order.
 `p.grad` is never modified. Parameters without a multiplier go through torch's functional `sgd` (torch's
-single-tensor, foreach and fused paths and the fused AMP path). Target weights take the first path that applies:
+single-tensor, foreach and fused paths and the fused AMP path). Target weights take the first path that applies
+(the PATHS table at the end of the class; base.py's router picks every weight's path before anything changes):
 
 1. `compiled=True` (opt-in): one torch.compile'd kernel per weight (compiled.py), for devices without paths 2-3.
 2. Triton (the default for CUDA weights where triton imports, triton_kernels.py): one multi-tensor launch per step
@@ -31,7 +32,7 @@ from torch.optim.sgd import sgd
 from ..branches import BranchSet
 from . import native as native_kernel
 from . import triton_kernels
-from .base import RepOptMixin
+from .base import Path, RepOptMixin, always
 from .compiled import step_compiled
 
 DEFAULT_SCRATCH_BYTES = 4 << 20  # fastest of 0.25-16 MiB on the benchmark CPU (docs/benchmarks.md)
@@ -49,6 +50,7 @@ def _cuttable(p: Tensor, grad: Tensor, buf: Tensor | None) -> bool:
 
 class RepOptSGD(RepOptMixin, torch.optim.SGD):
     _default_weight_decay = 0.0
+    _kind, _sparse_plain = "sgd", True
 
     def __init__(self, params, lr: float | Tensor = 1e-3, momentum: float = 0, dampening: float = 0,
                  weight_decay: float | Tensor = 0, nesterov: bool = False, *, maximize: bool = False,
@@ -101,122 +103,117 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
         found_inf = getattr(self, "found_inf", None)
         if found_inf is None:
             return False
-        creates = any(group["momentum"] != 0 and p.grad is not None and "momentum_buffer" not in self.state[p]
+        creates = any(group["momentum"] != 0 and p.grad is not None and "momentum_buffer" not in self.state.get(p, {})
                       for group in self.param_groups for p in group["params"])
         return creates and bool(found_inf.item())
 
+    def _state_keys(self, group) -> tuple[str, ...]:
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+
     @_use_grad_for_differentiable
     def step(self, closure=None):
+        """Gather, route (every target weight's path is decided before anything changes), dispatch."""
         loss = self._evaluate_closure(closure)
         self._begin_step_paths()
         if self._skips_a_first_step():
             return loss
-        for gi, group in enumerate(self.param_groups):
-            momentum = group["momentum"] != 0
-            params, grads, buffers, blocked, compiled, native, tri = [], [], [], [], [], [], []
-            whole = 0
-            has_sparse = False
-            use_native = self._native_allowed(group)
-            use_triton: dict[torch.device, bool] = {}
-            for p, mult in zip(group["params"], self._multipliers[gi]):
-                if p.grad is None:
-                    continue
-                grad = p.grad
-                buf = self.state[p].get("momentum_buffer") if momentum else None
-                if mult is not None:
-                    if grad.is_sparse:
-                        raise RuntimeError(f"{mult.name}: RepOptSGD does not support sparse gradients on a "
-                                           f"parameter with a multiplier")
-                    # the one place that picks a target weight's path: compiled (opt-in), Triton (GPU), native (CPU),
-                    # blocks, whole tensors
-                    if self._compilable(group, p, mult, buf):
-                        compiled.append((p, mult, buf))
-                        continue
-                    if p.device not in use_triton:
-                        use_triton[p.device] = self._triton_device(group, p.device)
-                    if use_triton[p.device] and triton_kernels.takes(p, mult, grad, buf):
-                        tri.append((p, mult, grad, buf))
-                        continue
-                    prepared = self._native_job(p, mult, native_kernel.prepare) if use_native else None
-                    if prepared is not None and native_kernel.takes(p, grad, buf):
-                        native.append((p, grad, buf, prepared))
-                        continue
-                    if self.scratch_bytes and not group["differentiable"] and _cuttable(p, grad, buf):
-                        blocked.append((p, mult, buf))
-                        continue
-                    grad = mult.multiply(grad) if group["differentiable"] else mult.apply_sgd(grad)
-                    whole += 1
-                has_sparse |= grad.is_sparse
-                params.append(p)
-                grads.append(grad)
-                if momentum:
-                    buffers.append(buf)
-            if params:
-                self._sgd(group, params, grads, buffers, has_sparse)
-                if momentum:
-                    for p, buf in zip(params, buffers):
-                        self.state[p]["momentum_buffer"] = buf
-                self._took("whole", whole)
-            if native:
-                self._step_native(group, native)
-                self._took("native", len(native))
-            if tri:
-                items = [(p, mult, grad, self._new_buffer(p) if momentum and buf is None else buf,
-                          momentum and buf is None) for p, mult, grad, buf in tri]
-                triton_kernels.sgd_step(items, group, getattr(self, "grad_scale", None),
-                                        getattr(self, "found_inf", None))
-                self._took("triton", len(tri))
-            lr = group["lr"]
-            if compiled and not isinstance(lr, Tensor):
-                lr = torch.tensor(lr, dtype=compiled[0][0].dtype, device=compiled[0][0].device)
-            for i, (p, mult, buf) in enumerate(compiled):
-                first = momentum and buf is None
-                try:
-                    step_compiled(group, p, mult, self._new_buffer(p) if first else buf, lr, first)
-                    self._took("compiled")
-                except Exception as e:  # no C++ compiler, an unsupported backend...: the eager path is exact too
-                    if i:  # a failure after a success is a bug, not a missing toolchain
-                        raise
-                    warnings.warn(f"RepOptSGD(compiled=True) could not compile its update ({type(e).__name__}: "
-                                  f"{str(e).splitlines()[0] if str(e) else ''}); using its other paths", stacklevel=2)
-                    self.compiled = False
-                    blocked += compiled
-                    break
-            if blocked:
-                # torch's fused SGD treats a call as a first step only when no buffer at all exists yet
-                first = [item for item in blocked if momentum and item[2] is None]
-                self._step_in_blocks(group, [item for item in blocked if not (momentum and item[2] is None)])
-                for p, mult, _ in first:  # filled block by block below
-                    self._new_buffer(p)
-                self._step_in_blocks(group, [(p, m, None) for p, m, _ in first], first_step=True)
-                self._took("blocks", len(blocked))
+        self._dispatch(self._route())
         return loss
+
+    # ---- the paths: PATHS (end of the class) is the table the router tries in order --------------------------------
+    def _step_plain(self, group, params: list) -> None:
+        """Parameters without a multiplier: torch's functional sgd, as torch.optim.SGD steps them."""
+        self._step_torch(group, params, [p.grad for p in params])
+
+    def _step_torch(self, group, params: list, grads: list) -> None:
+        momentum = group["momentum"] != 0
+        buffers = [self.state[p].get("momentum_buffer") for p in params] if momentum else []
+        self._sgd(group, params, grads, buffers, any(g.is_sparse for g in grads))
+        for p, buf in zip(params, buffers):
+            self.state[p]["momentum_buffer"] = buf
+
+    def _step_whole(self, group, items: list) -> None:
+        """M * G as a full-size temporary, then torch's sgd (with differentiable=True in ops autograd follows)."""
+        grads = [mult.multiply(grad) if group["differentiable"] else mult.apply_sgd(grad)
+                 for _, grad, mult, *_ in items]
+        self._step_torch(group, [item[0] for item in items], grads)
+        self._took("whole", len(items))
 
     def _new_buffer(self, p: Tensor) -> Tensor:
         """p's momentum buffer, created for a first step (zeros: never uninitialised, even if that step fails)."""
         buf = self.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         return buf
 
+    def _buffer(self, group, p: Tensor, state: list) -> tuple[Tensor | None, bool]:
+        """(p's momentum buffer or None without momentum, is it new): a new one is created now (zeros)."""
+        if group["momentum"] == 0:
+            return None, False
+        return (self._new_buffer(p), True) if state[0] is None else (state[0], False)
+
+    @staticmethod
+    def _native_prepare(p: Tensor, mult):
+        return native_kernel.prepare(p, mult)
+
     def _step_native(self, group, items: list) -> None:
-        """The default path on CPU: one native call updates every float32/float64 target weight of the group."""
-        momentum = group["momentum"] != 0
-        by_dtype: dict[torch.dtype, tuple[list, list]] = {}
-        for p, grad, buf, (job, table) in items:
-            first = momentum and buf is None
-            if first:  # the kernel overwrites it
-                buf = self._new_buffer(p)
-            jobs, tensors = by_dtype.setdefault(p.dtype, ([], []))
+        """The default path on CPU: one native call updates the float32 or float64 target weights of a group."""
+        jobs, tensors = [], []
+        for p, grad, mult, *state in items:
+            buf, first = self._buffer(group, p, state)
+            job, table = self._native_job(p, mult, self._native_prepare)
             jobs.append(native_kernel.bind(job, p, grad, buf, first))
             tensors += [p, grad, buf, table]
-        for dtype, (jobs, tensors) in by_dtype.items():
-            native_kernel.sgd_step(jobs, group, dtype, tensors)
+        native_kernel.sgd_step(jobs, group, items[0][0].dtype, tensors)
+        self._took("native", len(items))
 
-    def _compilable(self, group, p: Tensor, mult, buf: Tensor | None) -> bool:
+    def _step_triton(self, group, items: list) -> None:
+        """The default path on CUDA: one multi-tensor Triton launch (GradScaler's scale and inf flag in the kernel)."""
+        batch = [(p, mult, grad, *self._buffer(group, p, state)) for p, grad, mult, *state in items]
+        triton_kernels.sgd_step(batch, group, getattr(self, "grad_scale", None), getattr(self, "found_inf", None))
+        self._took("triton", len(items))
+
+    def _opens_compiled(self, group, device: torch.device) -> bool:
+        return self.compiled and not group["differentiable"] and not self._unscale_pending()
+
+    def _takes_compiled(self, group, p: Tensor, grad: Tensor, mult, buf: Tensor | None = None) -> bool:
         """The compiled path takes contiguous weights with branch scales (first steps included)."""
-        return (self.compiled and isinstance(mult, BranchSet) and not group["differentiable"]
-                and not self._unscale_pending() and p.is_contiguous() and p.grad.is_contiguous()
+        return (isinstance(mult, BranchSet) and p.is_contiguous() and grad.is_contiguous()
                 and (buf is None or buf.is_contiguous())
-                and native_kernel.disjoint([p, p.grad, *([buf] if buf is not None else [])]))
+                and native_kernel.disjoint([p, grad, *([buf] if buf is not None else [])]))
+
+    def _step_compiled(self, group, items: list) -> None:
+        lr = group["lr"]
+        if not isinstance(lr, Tensor):
+            lr = torch.tensor(lr, dtype=items[0][0].dtype, device=items[0][0].device)
+        for i, (p, _, mult, *state) in enumerate(items):
+            buf, first = self._buffer(group, p, state)
+            try:
+                step_compiled(group, p, mult, buf, lr, first)
+            except Exception as e:  # no C++ compiler, an unsupported backend...: the eager path is exact too
+                if i:  # a failure after a success is a bug, not a missing toolchain
+                    raise
+                warnings.warn(f"RepOptSGD(compiled=True) could not compile its update ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0] if str(e) else ''}); using its other paths", stacklevel=2)
+                self.compiled = False
+                self._step_blocks(group, items)
+                return
+            self._took("compiled")
+
+    def _opens_blocks(self, group, device: torch.device) -> bool:
+        return bool(self.scratch_bytes) and not group["differentiable"]
+
+    def _takes_blocks(self, group, p: Tensor, grad: Tensor, mult, buf: Tensor | None = None) -> bool:
+        return _cuttable(p, grad, buf)
+
+    def _step_blocks(self, group, items: list) -> None:
+        # torch's fused SGD treats a call as a first step only when no buffer at all exists yet
+        momentum = group["momentum"] != 0
+        first = [(p, mult, None) for p, _, mult, *state in items if momentum and state[0] is None]
+        self._step_in_blocks(group, [(p, mult, state[0] if state else None) for p, _, mult, *state in items
+                                     if not (momentum and state[0] is None)])
+        for p, _, _ in first:  # filled block by block below
+            self._new_buffer(p)
+        self._step_in_blocks(group, first, first_step=True)
+        self._took("blocks", len(items))
 
     def _step_in_blocks(self, group, blocked: list, first_step: bool = False) -> None:
         """The default path: M * G block by block into a small scratch, each full scratch one `sgd` call.
@@ -224,39 +221,38 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
         first_step: no momentum buffers exist yet; torch creates one per block and they are copied into the full-size
         buffers already in self.state.
         """
-        kinds: dict[tuple, list] = {}
-        for item in blocked:
-            kinds.setdefault((item[0].grad.device, item[0].grad.dtype), []).append(item)
-        for (device, dtype), items in kinds.items():
-            smallest = max(p[0].numel() * mult.row_alignment for p, mult, _ in items)
-            total = sum(p.numel() for p, _, _ in items)
-            capacity = max(min(self.scratch_bytes // dtype.itemsize, total), smallest)
-            scratch = torch.empty(capacity, dtype=dtype, device=device)
-            used, batch, targets = 0, ([], [], []), []
-            for p, mult, buf in items:
-                grad, row, align = p.grad, p[0].numel(), mult.row_alignment
-                pattern = mult.tap_pattern(2, device, dtype) if p.is_contiguous() else None
-                start = 0
-                while start < p.shape[0]:
-                    rows = (capacity - used) // row // align * align
-                    if rows == 0:  # scratch full: update what it holds, then reuse it
-                        self._flush(group, batch, targets)
-                        used, batch, targets = 0, ([], [], []), []
-                        continue
-                    end = min(p.shape[0], start + rows)
-                    out = scratch.as_strided((end - start, *p.shape[1:]), p.stride(), used)
-                    mult.multiply_rows(grad[start:end], start, out, pattern=pattern)
-                    batch[0].append(p[start:end])
-                    batch[1].append(out)
-                    if first_step:
-                        batch[2].append(None)
-                        targets.append(self.state[p]["momentum_buffer"][start:end])
-                    elif buf is not None:
-                        batch[2].append(buf[start:end])
-                    used += (end - start) * row
-                    start = end
-            if batch[0]:
-                self._flush(group, batch, targets)
+        if not blocked:
+            return
+        device, dtype = blocked[0][0].device, blocked[0][0].dtype  # one of each: the router's batch
+        smallest = max(p[0].numel() * mult.row_alignment for p, mult, _ in blocked)
+        total = sum(p.numel() for p, _, _ in blocked)
+        capacity = max(min(self.scratch_bytes // dtype.itemsize, total), smallest)
+        scratch = torch.empty(capacity, dtype=dtype, device=device)
+        used, batch, targets = 0, ([], [], []), []
+        for p, mult, buf in blocked:
+            grad, row, align = p.grad, p[0].numel(), mult.row_alignment
+            pattern = mult.tap_pattern(2, device, dtype) if p.is_contiguous() else None
+            start = 0
+            while start < p.shape[0]:
+                rows = (capacity - used) // row // align * align
+                if rows == 0:  # scratch full: update what it holds, then reuse it
+                    self._flush(group, batch, targets)
+                    used, batch, targets = 0, ([], [], []), []
+                    continue
+                end = min(p.shape[0], start + rows)
+                out = scratch.as_strided((end - start, *p.shape[1:]), p.stride(), used)
+                mult.multiply_rows(grad[start:end], start, out, pattern=pattern)
+                batch[0].append(p[start:end])
+                batch[1].append(out)
+                if first_step:
+                    batch[2].append(None)
+                    targets.append(self.state[p]["momentum_buffer"][start:end])
+                elif buf is not None:
+                    batch[2].append(buf[start:end])
+                used += (end - start) * row
+                start = end
+        if batch[0]:
+            self._flush(group, batch, targets)
 
     def _flush(self, group, batch, targets) -> None:
         if group["fused"] and not targets and not self._unscale_pending() and not torch.jit.is_scripting():
@@ -269,3 +265,11 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
             self._sgd(group, *batch)
         for target, created in zip(targets, batch[2]):
             target.copy_(created)
+
+    # the router's table (base.py), in order of preference: compiled (opt-in), Triton (CUDA), native (CPU), blocks,
+    # whole tensors (which takes everything)
+    PATHS = (Path("compiled", _opens_compiled, _takes_compiled, _step_compiled),
+             Path("triton", RepOptMixin._opens_triton, RepOptMixin._takes_triton, _step_triton),
+             Path("native", RepOptMixin._opens_native, RepOptMixin._takes_native, _step_native),
+             Path("blocks", _opens_blocks, _takes_blocks, _step_blocks),
+             Path("whole", always, always, _step_whole))

@@ -176,3 +176,91 @@ def test_a_recipes_settings_are_not_called_defaults(tmp_path, capsys):
     assert line.startswith("[train] arch repopt_vgg_b1, dataset folder, epochs 120, batch size 256, recipe "
                            "imagenet-repvgg-b1"), line
 
+# --- the C kernels are built before the clock starts, and their build is reported apart --------------------------
+
+class _Clock:
+    """A fake time.perf_counter: 1 ms per call, and whatever `advance` adds (the build's "1000 s")."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        self.now += 1e-3
+        return self.now
+
+
+@pytest.fixture
+def fresh_kernel_cache(monkeypatch, tmp_path):
+    """The kernel loader as in a new process on a new machine: nothing loaded, an empty cache (as
+    tests/test_kernel_cache.py isolates it)."""
+    from repopt.optim import kernel_cache, native
+
+    if native._compiler() is None:
+        pytest.skip("no C compiler on this machine")
+    monkeypatch.setattr(native, "_library", None)
+    monkeypatch.setattr(native, "_build_error", None)
+    monkeypatch.setattr(kernel_cache, "_said", set())
+    monkeypatch.setenv("REPOPT_CACHE_DIR", str(tmp_path / "kernel-cache"))
+    monkeypatch.delenv("REPOPT_NATIVE", raising=False)
+
+
+def test_the_kernel_build_is_before_the_clock_and_reported_apart(tmp_path, monkeypatch, fresh_kernel_cache,
+                                                                 one_thread):
+    import types
+
+    from repopt import RepOptSGD, extract_scales, save_scales
+    from repopt.app import kernels as kernels_module
+    from repopt.app import train as train_module
+    from repopt.models import create
+    from repopt.optim import kernel_cache
+
+    clock, events = _Clock(), []
+    fake_time = types.SimpleNamespace(perf_counter=clock.perf_counter)
+    monkeypatch.setattr(train_module, "time", fake_time)
+    monkeypatch.setattr(kernels_module, "time", fake_time)
+    real_build, real_step = kernel_cache.build, RepOptSGD.step
+
+    def build(*args, **kwargs):
+        events.append("build")
+        clock.now += 1000.0  # a build of "1000 s": it must land in kernel_build_seconds, not in train_seconds
+        return real_build(*args, **kwargs)
+
+    def step(self, *args, **kwargs):
+        events.append("step")
+        return real_step(self, *args, **kwargs)
+
+    monkeypatch.setattr(kernel_cache, "build", build)
+    monkeypatch.setattr(RepOptSGD, "step", step)
+    scales = save_scales(extract_scales(create("repopt_vgg_tiny", mode="hs", num_classes=10)), tmp_path / "s.safetensors")
+    result = train_module.train(train_module.TrainConfig(
+        method="repopt", arch="repopt_vgg_tiny", scales=str(scales), epochs=1, image_size=16, batch_size=128,
+        train_subset=256, quiet=True, out=str(tmp_path / "run")))
+    assert events[0] == "build" and events.count("build") == 1 and events.count("step") == 2  # before step one
+    assert result["kernels"] == "native" and result["kernel_build_seconds"] >= 1000.0
+    assert result["train_seconds"] < 1.0  # the 1000 s are not in it (and so not in train_images_per_s)
+    import json
+
+    assert json.loads((tmp_path / "run" / "result.json").read_text())["kernel_build_seconds"] >= 1000.0
+
+
+def test_plain_sgd_builds_no_kernels(tmp_path, fresh_kernel_cache, one_thread):
+    from repopt.app.train import TrainConfig, train
+    from repopt.optim import native
+
+    result = train(TrainConfig(method="plain", arch="repopt_vgg_tiny", epochs=1, image_size=16, batch_size=128,
+                               train_subset=256, quiet=True, out=str(tmp_path / "run")))
+    assert "kernel_build_seconds" not in result and native._library is None
+
+
+def test_the_pipeline_report_names_the_build_apart():
+    from repopt.app.pipeline import report_markdown
+
+    row = dict(method="repopt", top1=90.0, train_seconds=10.0, train_images_per_s=1000.0, params=1, deployed_top1=90.0)
+    report = {"arch": "a", "dataset": "d", "epochs": 1, "hs_epochs": 1, "batch_size": 64, "optimizer": "sgd",
+              "seed": 0, "hs_top1": 10.0, "scales": "s", "results": [
+                  {**row, "kernel_build_seconds": 12.34, "kernels": "native"}, {**row, "method": "plain"}]}
+    text = report_markdown(report)
+    assert "repopt: its optimizer's kernels (native) were built or loaded in 12.3 s before training, outside its " \
+           "train s and img/s." in text
+    assert "plain: its" not in text
+

@@ -20,6 +20,7 @@ from .._io import check_writable, write_json
 from . import distributed as dist
 from .checkpoint import CHECKPOINT, MODEL, RESULT, SCALES, CheckpointError, load_run_checkpoint, mode_of, \
     save_checkpoint, save_model
+from .kernels import build_before_clock
 from .metrics import MetricsLog
 from .recipes import DEFAULTS, LR_BASE_SIZE, default_warmup_epochs, describe_lr, describe_preset, scaled_lr
 
@@ -370,6 +371,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             torch.set_rng_state(resume["rng"])
             start_epoch, train_seconds, skipped = resume["epoch"], resume["train_seconds"], resume["skipped_steps"]
         net = dist.wrap(model, device)
+        kernels = build_before_clock(optimizer)  # a first build must not count as RepOpt's training time
         log = MetricsLog(out / "metrics.jsonl", enabled=rank == 0, keep_epochs=start_epoch)
 
         show = rank == 0 and not cfg.quiet and dist.is_tty()
@@ -452,7 +454,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         final = ema.module if ema is not None else model
         # the last epoch tested `final` already (unless the run was finished before this call): no second pass
         last_top1 = top1 if start_epoch < cfg.epochs else None
-        result = _finish(cfg, final, ds, device, out, train_seconds, skipped, steps_per_epoch, rank, last_top1)
+        result = _finish(cfg, final, ds, device, out, train_seconds, skipped, steps_per_epoch, rank, last_top1,
+                         kernels)
         dist.barrier()
         return result
     finally:
@@ -460,7 +463,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _finish(cfg, model, ds, device, out: Path, train_seconds, skipped, steps_per_epoch, rank,
-            top1: float | None = None) -> dict[str, Any]:
+            top1: float | None = None, kernels: dict | None = None) -> dict[str, Any]:
     from ..models import reparameterize_model
     from ..quant.fold import fold_batchnorm
 
@@ -477,7 +480,7 @@ def _finish(cfg, model, ds, device, out: Path, train_seconds, skipped, steps_per
               "epochs": cfg.epochs, "top1": top1, "deployed_top1": deployed_top1,
               "train_seconds": train_seconds, "train_images_per_s": images / max(train_seconds, 1e-9),
               "params": sum(p.numel() for p in deployed.parameters()), "skipped_steps": skipped,
-              "out": str(out), "config": asdict(cfg)}
+              "out": str(out), "config": asdict(cfg), **(kernels or {})}
     if rank == 0:
         save_model(out / MODEL, model, asdict(cfg))
         if cfg.method == "hs":

@@ -334,3 +334,38 @@ def test_cifar_pickle_cannot_make_an_uninitialised_array(tmp_path, payload):
     for protocol in (2, pickle.HIGHEST_PROTOCOL):
         path.write_bytes(pickle.dumps({"data": array, "labels": [3]}, protocol=protocol))
         assert np.array_equal(load_plain_pickle(path)["data"], array)
+
+
+# ---------------------------------------------------------------- a model file's config: timm options that load files
+
+class _FakeTimm:
+    """Stands in for timm (not installed everywhere): create_model loads `checkpoint_path` the way timm does
+    (torch.load, weights_only=False in timm's load_state_dict), so a path that reaches it runs the pickle."""
+
+    @staticmethod
+    def list_models():
+        return ["resnet18"]
+
+    @staticmethod
+    def create_model(name, checkpoint_path=None, num_classes=10, pretrained=False, **_):
+        if checkpoint_path:
+            torch.load(checkpoint_path, weights_only=False)
+        return torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(4, num_classes))
+
+
+def test_model_file_config_cannot_make_timm_load_a_checkpoint(tmp_path, monkeypatch, capsys):
+    from repopt.app.checkpoint import save_model
+    from repopt.integrations import timm as timm_integration
+
+    monkeypatch.setattr(timm_integration, "_timm", lambda: _FakeTimm)
+    marker = tmp_path / "marker"
+    evil = tmp_path / "weights.pth"
+    evil.write_bytes(pickle.dumps(MarkerPayload(marker)))
+    config = {"arch": "timm:resnet18", "method": "plain", "num_classes": 10, "dataset": "digits",
+              "model_options": {"checkpoint_path": str(evil)}}
+    path = tmp_path / "model.safetensors"
+    save_model(path, torch.nn.Linear(1, 1), config)
+    code = main(["eval", str(path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and "'checkpoint_path' would make timm load a file" in err and str(path) in err, err
+    assert not marker.exists()

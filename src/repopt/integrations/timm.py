@@ -16,6 +16,8 @@ from torch import nn
 
 PREFIX = "timm:"
 MODES = ("target", "hs", "repvgg")
+# timm.create_model's options that read weights from disk or the hub
+_FILE_OPTIONS = {"checkpoint_path", "pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"}
 
 
 class TimmError(ValueError):
@@ -70,6 +72,10 @@ def create(arch: str, mode: str = "target", num_classes: int = 1000, **options: 
     check_arch(arch)
     if mode not in MODES:
         raise TimmError(f"{arch}: mode {mode!r} is not available for timm models; choose one of {', '.join(MODES)}")
+    loading = sorted(_FILE_OPTIONS & set(options))  # options can come from a file's config (`repopt eval FILE`)
+    if loading:
+        raise TimmError(f"{arch}: option {loading[0]!r} would make timm load a file (timm unpickles checkpoints, "
+                        f"which could run code); repopt builds timm models fresh (load weights with --init-from)")
     options = {**options, "pretrained": False, "num_classes": num_classes}
     model = _timm().create_model(arch[len(PREFIX):], **options)
     try:

@@ -98,6 +98,14 @@ def last_fifth_movement(c: list[tuple[int, float, float]]) -> float:
     return abs(c[-1][2] - (before[-1] if before else c[0][2]))
 
 
+def verdict_of(moved: list[float], gain: dict | None) -> str:
+    """'no' when the runs still moved, or the longer schedule gained, CONVERGED_POINTS or more; 'yes' when both are
+    below it; '-' while a figure is missing."""
+    if moved and statistics.mean(moved) >= CONVERGED_POINTS or gain is not None and gain["mean"] >= CONVERGED_POINTS:
+        return "no"
+    return "yes" if moved and gain is not None else "-"
+
+
 def table_convergence(root: Path, st: Study, out: dict) -> None:
     lengths = sorted(st.lengths)
     longest, shorter = lengths[-1], (lengths[-2] if len(lengths) > 1 else lengths[-1])  # one length: no gain
@@ -113,8 +121,7 @@ def table_convergence(root: Path, st: Study, out: dict) -> None:
             cell, p = (_pair(finals(root, st, net, longest, method), finals(root, st, net, shorter, method))
                        if shorter != longest else ("-", None))
             got = [m for m in moved if m is not None]
-            verdict = "-" if not got or p is None else (
-                "yes" if statistics.mean(got) < CONVERGED_POINTS and p["mean"] < CONVERGED_POINTS else "no")
+            verdict = verdict_of(got, p)
             out.setdefault("convergence", {}).setdefault(net, {})[method] = {
                 "moved_last_fifth": moved, "gain_longest_minus_shorter": p, "converged": verdict}
             print(f"| {net} | {method} | {_cells(moved)} | {_ms(moved)} | {cell} | {verdict} |")

@@ -142,7 +142,8 @@ def _order(all_jobs: list, st: Study) -> list:
 
 def sweep(pool, workers: int, st: Study, root: Path, device: str, deadline: float, hard_stop: float) -> dict:
     """Run the study's unfinished jobs, `workers` at a time; none starts after `deadline` (but the first wave always
-    does), and at `hard_stop` the runs still going are cut (their checkpoints let a later call resume them)."""
+    does), and at `hard_stop` the runs still going are cut once one has finished (their checkpoints let a later call
+    resume them; the shell script's timeout bounds the wait for the first)."""
     todo = [j for j in _order(jobs(root, st), st) if not (root / j.done).exists()]
     running, failed, finished, started = {}, [], 0, 0
     while todo or running:
@@ -157,7 +158,7 @@ def sweep(pool, workers: int, st: Study, root: Path, device: str, deadline: floa
                     failed.append(name)
                 _say({"run": name, "rc": rc, "top1": top1, "seconds": round(time.time() - t0, 1)})
         now = time.time()
-        if now > hard_stop and running:
+        if now > hard_stop and running and finished:  # a sweep that has finished nothing waits for its first
             pool.terminate()
             break
         if now < deadline or not started:

@@ -4,7 +4,8 @@ refusals in one sentence, weights-only loading, and RepOpt keeping the loaded we
 from __future__ import annotations
 
 import pickle
-from pathlib import Path
+import sys
+import types
 
 import pytest
 import torch
@@ -104,6 +105,31 @@ def test_from_a_reference_checkpoint_with_wrapper_and_ddp_prefix(wrapper, tmp_pa
     assert finetune(tmp_path, "plain", path) == 0
     out = capsys.readouterr().out
     assert f"loaded 44 tensors from torch file {path} (its {wrapper!r} entry; 'module.' prefix removed)" in out
+    assert_same(step0["state"], state)
+
+
+def test_from_a_reference_training_checkpoint_with_its_yacs_config(tmp_path, monkeypatch, step0, capsys):
+    """The reference's utils.save_checkpoint also stores optimizer, lr_scheduler and its yacs config (a dict subclass):
+    the config is read as plain data, without yacs (faked here under its module name so that pickle records it)."""
+    yacs = types.ModuleType("yacs.config")
+
+    class CfgNode(dict):
+        pass
+
+    CfgNode.__module__, CfgNode.__qualname__ = "yacs.config", "CfgNode"
+    yacs.CfgNode = CfgNode
+    monkeypatch.setitem(sys.modules, "yacs", types.ModuleType("yacs"))
+    monkeypatch.setitem(sys.modules, "yacs.config", yacs)
+    config = CfgNode(MODEL=CfgNode(ARCH="RepOpt-VGG-tiny"), AMP_OPT_LEVEL="O0")
+    config.__dict__["__immutable__"] = True  # as yacs keeps it: pickled as the object's state
+    state = trained_like()
+    path = tmp_path / "ckpt_epoch_119.pth"
+    torch.save({"model": state, "optimizer": {"state": {}, "param_groups": []}, "lr_scheduler": {"last_epoch": 3},
+                "max_accuracy": 78.6, "epoch": 119, "config": config}, path)
+    monkeypatch.delitem(sys.modules, "yacs.config")  # the reader has no yacs
+    monkeypatch.delitem(sys.modules, "yacs")
+    assert finetune(tmp_path, "plain", path) == 0
+    assert f"loaded 44 tensors from torch file {path} (its 'model' entry)" in capsys.readouterr().out
     assert_same(step0["state"], state)
 
 

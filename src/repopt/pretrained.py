@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,9 @@ MODEL = "model.safetensors"    # a finished run's weights, with its training con
 CHECKPOINT = "checkpoint.pt"   # the last epoch's checkpoint (an unfinished run): its "model" entry holds the weights
 MODEL_FORMAT = "repopt-model"  # the `format` metadata of MODEL
 _WRAPPERS = ("model", "state_dict")  # the reference code's (Swin-style) and timm's / Lightning's checkpoint entries
+# The reference code saves its yacs config object beside the weights in every checkpoint (utils.save_checkpoint). It is
+# a dict subclass: read as a plain OrderedDict, so that no yacs code is imported or run and the file still loads.
+_AS_DATA = [(OrderedDict, "yacs.config.CfgNode")]
 _SHOWN = 3  # keys named in an error
 
 
@@ -125,11 +129,13 @@ def _read_torch(path: Path) -> _Source:
     from ._io import load_error_message
 
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)  # never weights_only=False: see the docstring
+        with torch.serialization.safe_globals(_AS_DATA):
+            obj = torch.load(path, map_location="cpu", weights_only=True)  # never weights_only=False (docstring)
     except Exception as e:  # code in the pickle, a truncated zip, foreign bytes, ...
         raise InitError(load_error_message(path, e, "PyTorch checkpoint")) from None
-    if isinstance(obj, Mapping) and isinstance(obj.get("config"), Mapping) and isinstance(obj.get("model"), Mapping) \
-            and "optimizer" in obj:  # a repopt training checkpoint (an unfinished run)
+    config = obj.get("config") if isinstance(obj, Mapping) else None
+    if isinstance(config, Mapping) and {"method", "arch"} <= set(config) and isinstance(obj.get("model"), Mapping):
+        # a repopt training checkpoint (an unfinished run)
         return _Source("repopt run", str(path), dict(obj["model"]), dict(obj["config"]), ["its last checkpoint"])
     notes = []
     for key in _WRAPPERS:

@@ -171,8 +171,8 @@ def _check_program_json(path, archive, name) -> None:
                                    f"refused")
         if (key in _NAME_KEYS and not _PATH.fullmatch(value)) or (key == "forward_arg_names" and not (
                 value.isidentifier() and value.isascii() and not keyword.iskeyword(value))):
-            raise ProgramFileError(f"{path}: {name} holds a {key} {value[:80]!r} that is not a plain name (it would "
-                                   f"be pasted into generated Python source); refused")
+            raise ProgramFileError(f"{path}: {name} gives {key} as {value[:80]!r}, which is not a plain name (it "
+                                   f"would be pasted into generated Python source); refused")
 
 
 def _strings(o, key=None):

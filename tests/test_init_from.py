@@ -3,6 +3,7 @@ format (a repopt run, a reference RepOpt-VGG .pth, a multi-branch run, a raw sta
 refusals in one sentence, weights-only loading, and RepOpt keeping the loaded weights (no rule of initialization)."""
 from __future__ import annotations
 
+import json
 import pickle
 import sys
 import types
@@ -303,8 +304,12 @@ def test_pipeline_fine_tunes_every_row_and_leaves_repvgg_out_for_plain_weights(p
     assert main(["pipeline", *FAST, "--init-from", str(plain_run), "--scales", "ones", "--no-int8",
                  "--out", str(tmp_path / "p")]) == 0
     out = capsys.readouterr().out
-    assert sum("no repvgg row" in line for line in out.splitlines()) == 1
+    said = [line for line in out.splitlines() if line.startswith("[pipeline] repvgg:")]
+    assert len(said) == 1 and "holds plain (fused) weights" in said[0]  # before the first stage
+    assert out.index(said[0]) < out.index("[pipeline] train repopt")
     assert "| repopt |" in out and "| plain |" in out and "| repvgg |" not in out
+    report = json.loads((tmp_path / "p" / "report.json").read_text())
+    assert report["init_from"] == str(plain_run) and list(report["skipped_methods"]) == ["repvgg"]
 
 
 def test_fusing_leaves_the_random_stream_as_it_was(repvgg_run):

@@ -72,6 +72,11 @@ def run_pipeline(base: TrainConfig, hs_epochs: int, methods=METHODS, int8: bool 
     out.mkdir(parents=True, exist_ok=True)
     say = (lambda msg: None) if base.quiet else (lambda msg: print(f"[pipeline] {msg}", flush=True))
     methods, skipped = plan_methods(base.arch, methods, searches=scales is None)
+    if base.init_from:
+        from .train import rows_for_init_from
+
+        methods, refused = rows_for_init_from(base, methods)
+        skipped.update(refused)
     for note in skipped.values():
         say(note)
     hs_result = {"top1": None}
@@ -101,7 +106,8 @@ def run_pipeline(base: TrainConfig, hs_epochs: int, methods=METHODS, int8: bool 
     report = {"dataset": base.dataset, "arch": base.arch, "epochs": base.epochs, "hs_epochs": hs_epochs,
               "seed": base.seed, "batch_size": base.batch_size, "optimizer": base.optimizer,
               "hs_top1": hs_result["top1"], "scales": str(scales), "train_subset": base.train_subset,
-              "image_size": result.get("image_size"), "results": rows, "skipped_methods": skipped}
+              "image_size": result.get("image_size"), "results": rows, "skipped_methods": skipped,
+              "init_from": base.init_from}
     if int8 and any("int8_top1" in r for r in rows):
         report["int8_settings"] = report_settings
         report["int8_backend"] = INT8_BACKENDS[int8_backend]
@@ -131,6 +137,8 @@ def report_markdown(report: dict) -> str:
         lines += ["", f"INT8: post-training quantization with {report['int8_backend']}, test set."]
     notes = [f"Not run: {note}." for note in report.get("skipped_methods", {}).values()]
     lines += ["", *notes] if notes else []
+    if report.get("init_from"):
+        lines += ["", f"Every row started from the weights of {report['init_from']} (the hyper-search from scratch)."]
     if report["hs_top1"] is None:
         lines += ["", f"No hyper-search: the repopt row used the scales {report['scales']}.", ""]
     else:

@@ -247,6 +247,26 @@ def _init_from(cfg: TrainConfig, model: nn.Module, say: bool) -> None:
                   f"{cfg.scales} apply as gradient multipliers only", flush=True)
 
 
+def rows_for_init_from(base: TrainConfig, methods) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The methods whose model can start from base.init_from, and {left out: why}, checked before a pipeline's first
+    stage: weights that fit no model are refused (InitError, one sentence); plain weights leave the repvgg row out (a
+    fused conv has no branches to start them from)."""
+    import dataclasses
+
+    from ..pretrained import FusedWeightsError, init_from
+
+    kept, skipped = [], {}
+    for method in methods:
+        model = build_model(dataclasses.replace(base, method=method, num_classes=base.num_classes or 2))
+        try:
+            init_from(model, base.init_from)
+        except FusedWeightsError as e:
+            skipped[method] = f"{method}: {e}"
+            continue
+        kept.append(method)
+    return tuple(kept), skipped
+
+
 def warmup_cosine(total_steps: int, warmup_steps: int):
     def factor(step: int) -> float:
         if step < warmup_steps:

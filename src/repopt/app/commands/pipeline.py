@@ -40,40 +40,16 @@ def add_arguments(p) -> None:
     add_ablation_arguments(p)
 
 
-def methods_for_init_from(base, methods):
-    """Check --init-from against every row before the first stage: weights that fit no row are refused (one
-    sentence); plain weights leave the repvgg row out (a fused conv has no branches to start them from)."""
-    import dataclasses
-
-    from ...pretrained import FusedWeightsError, init_from
-    from ..train import build_model
-
-    kept = []
-    for method in methods:
-        model = build_model(dataclasses.replace(base, method=method, num_classes=base.num_classes or 2))
-        try:
-            init_from(model, base.init_from)
-        except FusedWeightsError as e:
-            if not base.quiet:
-                print(f"[pipeline] no repvgg row: {e}", flush=True)
-            continue
-        kept.append(method)
-    return tuple(kept)
-
-
 def run(args) -> int:
     import json
 
-    from ..pipeline import METHODS, report_markdown, run_pipeline
+    from ..pipeline import report_markdown, run_pipeline
     from .common import config_from_args, hs_epochs_of
 
     base = config_from_args(args, "repopt", args.out, reinit=not args.no_reinit, mask=not args.no_mask,
                             init_from=args.init_from)
-    methods = METHODS
-    if base.init_from:
-        methods = methods_for_init_from(base, methods)
-    report = run_pipeline(base, hs_epochs_of(args, base), methods, int8=not args.no_int8,
-                          int8_backend=args.int8_backend, scales=args.scales)
+    report = run_pipeline(base, hs_epochs_of(args, base), int8=not args.no_int8, int8_backend=args.int8_backend,
+                          scales=args.scales)
     print(json.dumps(report, indent=2) if args.json else report_markdown(report))
     if not args.json:
         print(f"written: {args.out}/report.json, {args.out}/report.md, {args.out}/curves.png")

@@ -185,6 +185,17 @@ def test_program_json_that_reaches_python_source_is_refused(program, tmp_path, w
     assert not marker.exists()
 
 
+def test_pt2_whose_entries_torch_reads_differently_is_refused(program, monkeypatch):
+    """Python's zipfile does the checking and torch's own zip reader the loading: they must agree on the entries
+    (a crafted zip can show two readers different files)."""
+    from torch.export.pt2_archive import PT2ArchiveReader
+
+    real = PT2ArchiveReader.get_file_names
+    monkeypatch.setattr(PT2ArchiveReader, "get_file_names", lambda self: real(self) + ["data/constants/custom_obj_0"])
+    with pytest.raises(ProgramFileError, match="torch's zip reader sees other entries .*custom_obj_0"):
+        load_int8_program(program)
+
+
 def test_genuine_program_loads_without_any_unpickling(program, monkeypatch):
     """The file repopt wrote loads through the new-format reader alone: torch.load only weights-only, no pickle."""
     calls = []

@@ -74,9 +74,20 @@ def read_archive(path: str) -> tuple[bytes, zipfile.ZipFile]:
 def load_program(path: str, data: bytes, archive: zipfile.ZipFile):
     """(ExportedProgram, extra files) of the archive `data` read from `path`, after `check_archive`; loaded by the
     new-format reader alone. ProgramFileError if torch cannot read it."""
+    from torch.export.pt2_archive import PT2ArchiveReader
     from torch.export.pt2_archive._package import load_pt2  # what torch.export.load calls before its fallback
 
     check_archive(path, archive)
+    try:
+        # torch's zip reader (miniz) must see exactly the entries Python's zipfile checked
+        records = set(PT2ArchiveReader(io.BytesIO(data)).get_file_names())
+    except Exception:  # noqa: BLE001 - torch's reader refuses what Python's accepted
+        records = None
+    checked = {name.split("/", 1)[1] for name in archive.namelist()}
+    if records != checked:
+        unchecked = sorted(records - checked) if records is not None else []
+        raise ProgramFileError(f"{path}: torch's zip reader sees other entries than the ones checked"
+                               f"{f' ({unchecked[0]!r})' if unchecked else ''}; refused")
     try:
         contents = load_pt2(io.BytesIO(data))
         return contents.exported_programs[MODEL], contents.extra_files

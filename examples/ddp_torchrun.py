@@ -1,11 +1,12 @@
 """RepOpt with DistributedDataParallel under torchrun, on one page. Against a single-process loop three lines change,
-marked "DDP (1/3)" to "(3/3)": join the process group, give each rank its share of every batch, wrap the model.
+marked "DDP (1/3)" to "(3/3)": join the process group, wrap the model, give each rank its share of every batch.
 
     torchrun --standalone --nproc_per_node 2 examples/ddp_torchrun.py --toy   # 2 CPU processes (gloo), seconds
-    torchrun --standalone --nproc_per_node 8 examples/ddp_torchrun.py --scales scales.safetensors   # 8 GPUs (nccl)
+    torchrun --standalone --nproc_per_node 2 examples/ddp_torchrun.py         # 10 epochs: 27 s, top-1 99.17 %
     python examples/ddp_torchrun.py --toy                                     # one process: the same script
 
-(`--standalone`: torchrun picks a free port.) Nothing else changes, because DDP averages the gradients before
+(`--standalone`: torchrun picks a free port. On GPUs the same command uses nccl, one GPU per process; not run here:
+this project's machines have none. The 27 s: wall time on its shared 2-core CPU.) Nothing else changes, because DDP averages the gradients before
 `step()` and RepOpt's multiplier is a constant elementwise product: it commutes with the average, so every rank takes
 the same step. Each rank prints a hash of its parameters at the end: they are identical.
 """
@@ -52,13 +53,13 @@ model = repopt.models.create(args.arch, mode="target", num_classes=data.num_clas
 scales = repopt.load_scales(args.scales) if args.scales else repopt.extract_scales(repopt.to_hyper_search(model))
 # from_scales before wrapping: the rule of initialization writes the model's own weights, which DDP then shares
 optimizer = repopt.RepOptSGD.from_scales(model, scales, lr=lr, momentum=0.9, nesterov=True, weight_decay=4e-5)
-net = DistributedDataParallel(model) if distributed else model  # DDP (3/3)
+net = DistributedDataParallel(model) if distributed else model  # DDP (2/3)
 
 steps = 3 if args.toy else data.steps_per_epoch(per_rank, world)
 schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * steps)
 net.train()
 for epoch in range(args.epochs):
-    # DDP (2/3): rank r gets the r-th slice of each global batch (the same permutation and augmentation everywhere)
+    # DDP (3/3): rank r gets the r-th slice of each global batch (the same permutation and augmentation everywhere)
     batches = data.train_batches(per_rank, epoch, seed=0, device=device, rank=rank, world_size=world)
     for x, y in itertools.islice(batches, steps):
         loss = F.cross_entropy(net(x), y)

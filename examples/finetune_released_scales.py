@@ -4,6 +4,8 @@ already, and re-initializing them would throw the training away (`RepOptSGD.from
 
     python examples/finetune_released_scales.py --arch repopt_vgg_b1 \\
         --checkpoint B1_CHECKPOINT.pth --scales RepOpt-VGG-B1-scales.pth     # the released B1 weights and scales
+    python examples/own_training_loop.py && python examples/finetune_released_scales.py --arch repopt_vgg_tiny \
+        --checkpoint runs/own_training_loop/model.safetensors --scales runs/own_training_loop/scales.safetensors
     python examples/finetune_released_scales.py --arch repopt_vgg_tiny --checkpoint CKPT --scales SCALES --toy
 
 The checkpoint: a released RepOpt-VGG `.pth` (a `model` / `state_dict` wrapper and a `module.` prefix are accepted),
@@ -48,7 +50,8 @@ report = repopt.init_from(model, args.checkpoint, num_classes=data.num_classes) 
 print(report.describe())
 if report.head is not None:
     print(report.describe_head())
-print(f"top-1 before fine-tuning {evaluate_top1(model, data.test_batches(256)):.2f} % (new head: about chance)")
+fresh_head = " (a fresh classifier: about chance)" if report.head is not None else ""
+print(f"top-1 before fine-tuning {evaluate_top1(model, data.test_batches(256)):.2f} %{fresh_head}")
 
 # The multipliers only: reinit=False keeps the trained kernels. from_scales still checks every scale vector against
 # its conv and names the layer of a file that does not fit.

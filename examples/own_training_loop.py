@@ -1,11 +1,13 @@
 """RepOpt in your own training loop, on one page: data, a short hyper-search, scales, RepOptSGD.from_scales, training,
 evaluation, BatchNorm folding and ONNX export. Only the public API: `repopt` and its library modules.
 
-    python examples/own_training_loop.py            # repopt_vgg_tiny on the embedded digits, 5 + 10 epochs
+    python examples/own_training_loop.py            # repopt_vgg_tiny on the embedded digits, 5 + 10 epochs:
+                                                    # 57 s, top-1 99.44 % (one thread of a shared 2-core CPU)
     python examples/own_training_loop.py --toy      # a few steps of each stage (seconds): what the tests run
 
-What it leaves in --out: scales.safetensors (the searched scales) and model.onnx (the deployed plain network;
-needs the `export` extra: pip install "repopt[export]").
+What it leaves in --out: scales.safetensors (the searched scales), model.safetensors (the trained weights, which
+examples/finetune_released_scales.py can start from) and model.onnx (the deployed plain network; needs the `export`
+extra: pip install "repopt[export]").
 """
 import argparse
 import itertools
@@ -13,6 +15,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors.torch import save_file
 
 import repopt
 from repopt.data import load_dataset
@@ -55,8 +58,8 @@ def train(model, optimizer, epochs):
 # The plain network RepOpt trains and deploys: 3x3 conv - BN - ReLU blocks (any conv-BN net of yours works too).
 model = repopt.models.create(args.arch, mode="target", num_classes=data.num_classes)
 
-# 1. Hyper-search: a copy whose convs carry trainable branch scales (3x3, 1x1, identity), trained briefly. Scales are
-#    no decay target (hs_param_groups), as in the paper's recipe.
+# 1. Hyper-search: a copy whose convs carry trainable branch scales (3x3, 1x1, identity where shapes allow), trained
+#    briefly; hs_param_groups keeps weight decay off the conv-branch scales, as the paper's search recipe does.
 hs = repopt.to_hyper_search(model)
 print(f"hyper-search, {args.hs_epochs} epoch(s)")
 train(hs, torch.optim.SGD(hs_param_groups(hs, weight_decay=4e-5), lr=lr, momentum=0.9, nesterov=True),
@@ -72,6 +75,7 @@ optimizer = repopt.RepOptSGD.from_scales(model, scales, lr=lr, momentum=0.9, nes
 print(f"RepOpt training, {args.epochs} epoch(s)")
 train(model, optimizer, args.epochs)
 print(f"  the target convs' last update took the {optimizer.last_path!r} path")  # native C kernel, or pure torch
+save_file(model.state_dict(), args.out / "model.safetensors")
 
 # 3. Evaluate, then deploy: folding each BN into its conv leaves a plain conv-ReLU network computing the same function.
 top1 = evaluate_top1(model, data.test_batches(256))

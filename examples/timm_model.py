@@ -3,7 +3,8 @@ RepGhostNet, ...) into its plain conv-BN form, a short hyper-search finds the br
 plain network as if it had its branches. Any conv -> BatchNorm timm net (resnet18, vgg11_bn, ...) works the same way.
 
     pip install timm
-    python examples/timm_model.py                        # timm's repvgg_a0 on the embedded digits, 3 + 6 epochs
+    python examples/timm_model.py                        # timm's repvgg_a0 on the embedded digits, 3 + 6 epochs:
+                                                         # 128 s, top-1 98.61 % (one thread, shared 2-core CPU)
     python examples/timm_model.py --model mobileone_s0
     python examples/timm_model.py --toy                  # a few steps of each stage (seconds): what the tests run
 

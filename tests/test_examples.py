@@ -60,6 +60,7 @@ def test_own_training_loop_searches_trains_folds_and_exports(tmp_path):
     scales = repopt.load_scales(tmp_path / "run" / "scales.safetensors")
     model = repopt.models.create("repopt_vgg_tiny", num_classes=10)
     assert set(scales) == set(repopt.models.target_convs(model))  # one entry per target conv of the trained net
+    model.load_state_dict(load_file(tmp_path / "run" / "model.safetensors"))  # the trained weights, every key
     onnx_file = tmp_path / "run" / "model.onnx"
     assert onnx_file.is_file() and onnx_file.stat().st_size > 10_000, out
 

@@ -147,4 +147,6 @@ def run_data_options(config: dict[str, Any]) -> dict[str, Any]:
     options = serving_options(config.get("data_options"))
     if config.get("train_subset") is not None:
         options["train_subset"] = config["train_subset"]
+    if config.get("classes") is not None:  # the classes it was trained on, relabelled as it saw them
+        options["classes"] = config["classes"]
     return options

@@ -29,9 +29,9 @@ OPTIMIZERS = tuple(DEFAULTS)
 # what must match between a checkpoint and the command that resumes it
 RESUME_KEYS = ("method", "arch", "dataset", "train_subset", "image_size", "optimizer", "epochs", "batch_size", "lr",
                "weight_decay", "seed", "accumulate", "label_smoothing", "warmup_epochs", "momentum", "nesterov",
-               "model_options", "reinit", "mask", "init_from")
+               "model_options", "reinit", "mask", "init_from", "classes")
 # what a checkpoint written before these keys existed had
-RESUME_DEFAULTS = {"reinit": True, "mask": True, "init_from": None}
+RESUME_DEFAULTS = {"reinit": True, "mask": True, "init_from": None, "classes": None}
 
 
 class TrainingError(RuntimeError):
@@ -46,6 +46,7 @@ class TrainConfig:
     data_dir: str | None = None
     image_size: int | None = None
     train_subset: int | None = None  # train on a fixed, class-balanced part of the training split (data/subset.py)
+    classes: list[int] | None = None  # only these classes of the dataset, relabelled 0..k-1 (data/classes.py)
     optimizer: str = "sgd"
     epochs: int = 30
     batch_size: int = 64            # global batch per optimizer step, over all ranks
@@ -103,6 +104,8 @@ class TrainConfig:
                          self.lr_base_size)
         extra = f", momentum {self.momentum}{' nesterov' if self.nesterov else ''}" if self.optimizer == "sgd" else ""
         data = "".join(f", {k} {v}" for k, v in self.data_options.items())
+        if self.classes is not None:
+            data += f", classes {','.join(map(str, self.classes))}"
         if self.train_subset is not None:
             data += f", training subset {self.train_subset}"
         ablation = [a for a, on in (("no rule of initialization", not self.reinit),
@@ -338,7 +341,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     rank, world, device = dist.setup(resolve_device(cfg.device))
     try:
         ds = load_dataset(cfg.dataset, cfg.data_dir, cfg.image_size, train_subset=cfg.train_subset,
-                          **cfg.data_options)
+                          classes=cfg.classes, **cfg.data_options)
         cfg.num_classes, cfg.image_size = ds.num_classes, ds.image_size
         if cfg.batch_size % (world * cfg.accumulate):
             raise TrainingError(f"--batch-size {cfg.batch_size} must be divisible by world size x --accumulate = "

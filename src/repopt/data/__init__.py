@@ -20,7 +20,8 @@ SERVED_AS_STORED = ("mnist", "fashion-mnist")  # without image_size: the size of
 
 
 def load_dataset(name: str, data_dir=None, image_size: int | None = None, *, train_subset: int | None = None,
-                 random_erase: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0, **folder_options) -> Dataset:
+                 classes=None, random_erase: float = 0.0, mixup: float = 0.0, cutmix: float = 0.0,
+                 **folder_options) -> Dataset:
     """Load dataset ``name`` (one of DATASETS) served at ``image_size`` x ``image_size`` pixels (default
     16 for digits, the stored 28 for mnist / fashion-mnist, 32 otherwise).
 
@@ -29,6 +30,7 @@ def load_dataset(name: str, data_dir=None, image_size: int | None = None, *, tra
     in memory or streamed (``folder_options``: loader, augment, eval_resize, workers, skip_bad, ...; see
     folder.load_image_folder and stream.StreamedFolder). ``mnist`` / ``fashion-mnist`` read the IDX files (flat or
     torchvision's raw/ layout; fashion-mnist defaults to the Debian package's folder, see data/idx.py).
+    ``classes``: keep only these classes (indices) in both splits, relabelled 0..k-1 (data/classes.py), before
     ``train_subset``: keep a fixed, class-balanced part of the training split (data/subset.py). ``random_erase`` /
     ``mixup`` / ``cutmix`` add batch-level augmentation to any dataset (batch_aug.py). Raises DataError with one
     sentence naming the problem.
@@ -36,6 +38,9 @@ def load_dataset(name: str, data_dir=None, image_size: int | None = None, *, tra
     from .batch_aug import with_batch_augment
 
     ds = _load(name, data_dir, image_size, folder_options)
+    if classes is not None:
+        from .classes import select_classes
+        ds = select_classes(ds, classes)
     if train_subset is not None:
         from .subset import train_subset as cut
         ds = cut(ds, train_subset)

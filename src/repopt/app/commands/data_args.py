@@ -40,6 +40,24 @@ def add_data_arguments(g) -> None:
     g.add_argument("--cutmix", type=float, default=None, metavar="ALPHA", help="cutmix alpha (default 0: off)")
 
 
+def _classes(text: str) -> list[int]:
+    import argparse
+
+    from ...data import DataError
+    from ...data.classes import parse_classes
+
+    try:
+        return list(parse_classes(text))
+    except DataError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def add_classes_argument(g) -> None:
+    g.add_argument("--classes", type=_classes, default=None, metavar="LIST",
+                   help="only these classes of the dataset, e.g. 0-4 or 5,7,9 (both splits, relabelled 0..k-1 in "
+                        "this order; before --train-subset): the halves of a transfer experiment")
+
+
 def data_options(args) -> dict:
     """The data flags given on the command line, as TrainConfig.data_options."""
     return {key: getattr(args, dest) for dest, key in DATA_FLAGS.items() if getattr(args, dest, None) is not None}

@@ -30,11 +30,13 @@ def add_arguments(p) -> None:
                         "OUT/<method>/model.int8.onnx")
     p.add_argument("--scales", default=None, help="use this scales file for the repopt row instead of searching "
                                                   "(e.g. one searched on another dataset), or 'ones' (no search)")
+    from .data_args import add_classes_argument
     from .train import add_init_from_argument
 
     add_init_from_argument(p, "; here for every row (a repvgg row from plain weights is left out, in one line), "
                               "while the hyper-search starts from scratch: its branch scales are what it searches, "
                               "and the paper's scales transfer across datasets (its Table 5)")
+    add_classes_argument(p)
     p.add_argument("--json", action="store_true", help="print report.json instead of the table")
     add_training_arguments(p, "runs/pipeline", defaults=DEFAULTS)
     add_ablation_arguments(p)
@@ -47,7 +49,7 @@ def run(args) -> int:
     from .common import config_from_args, hs_epochs_of
 
     base = config_from_args(args, "repopt", args.out, reinit=not args.no_reinit, mask=not args.no_mask,
-                            init_from=args.init_from)
+                            init_from=args.init_from, classes=args.classes)
     report = run_pipeline(base, hs_epochs_of(args, base), int8=not args.no_int8, int8_backend=args.int8_backend,
                           scales=args.scales)
     print(json.dumps(report, indent=2) if args.json else report_markdown(report))

@@ -22,6 +22,7 @@ Re-running the same command with the same --out resumes from the last checkpoint
 
 def add_arguments(p) -> None:
     from ..ablations import add_ablation_arguments
+    from .data_args import add_classes_argument
     from ..train import METHODS, OPTIMIZERS
     from .common import add_training_arguments
 
@@ -35,6 +36,7 @@ def add_arguments(p) -> None:
     p.add_argument("--grad-clip", type=float, default=None, help="global-norm gradient clipping (refused with "
                                                                  "repopt: it breaks the equivalence)")
     add_init_from_argument(p)
+    add_classes_argument(p)
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     p.add_argument("--list-archs", action="store_true", help="list the model names and exit")
     add_training_arguments(p, "runs/train")
@@ -64,7 +66,7 @@ def run(args) -> int:
         return 0
     cfg = config_from_args(args, "repopt", args.out, scales=args.scales, identity_init=args.identity_init,
                            grad_clip=args.grad_clip, reinit=not args.no_reinit, mask=not args.no_mask,
-                           init_from=args.init_from)
+                           init_from=args.init_from, classes=args.classes)
     result = train_repopt(cfg, hs_epochs_of(args, cfg))
     if args.json:
         print(json.dumps(result, indent=2))

@@ -150,9 +150,9 @@ def test_native_adamw_is_within_the_stated_bound_of_torch_sqrt(shape, dtype):
 
 @needs_compiler
 def test_every_instruction_set_clone_computes_the_same_bits(monkeypatch, tmp_path):
-    """The library is built with -ffp-contract=off and explicit fma(): its AVX2+FMA clone (taken on this machine where
-    the CPU has it) and the baseline build (-DREPOPT_NO_CLONES: what a CPU without AVX2 runs) agree bit for bit, for
-    all three kernels, float32 and float64 -- so results do not depend on the CPU."""
+    """The library is built with -ffp-contract=off and explicit fma(): the clone this CPU takes (AVX-512 where it has
+    it), the AVX2+FMA clone (-DREPOPT_NO_AVX512) and the baseline build (-DREPOPT_NO_CLONES: what a CPU without AVX2
+    runs) agree bit for bit, for all three kernels, float32 and float64 -- so results do not depend on the CPU."""
     cases = [(RepOptSGD, FLAGS[0]), (RepOptSGD, FLAGS[1]), *ADAPTIVE]
     shapes = [SHAPES[0], SHAPES[4]]
 
@@ -161,15 +161,16 @@ def test_every_instruction_set_clone_computes_the_same_bits(monkeypatch, tmp_pat
                 for optimizer, flags in cases for shape in shapes for dtype in (torch.float32, torch.float64)]
 
     clones = run_all()
-    monkeypatch.setattr(native, "_library", None)
-    monkeypatch.setattr(native, "_build_error", None)
     monkeypatch.setenv("REPOPT_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setattr(native, "OPENMP_FLAGS", [])
-    monkeypatch.setattr(native, "FLAGS", native.FLAGS + ["-DREPOPT_NO_CLONES"])
-    assert native.available(), native.build_error()
-    baseline = run_all()
-    for a, b in zip(clones, baseline):
-        assert torch.equal(a, b), (a != b).sum().item()
+    flags = native.FLAGS
+    for define in ("-DREPOPT_NO_AVX512", "-DREPOPT_NO_CLONES"):
+        monkeypatch.setattr(native, "_library", None)
+        monkeypatch.setattr(native, "_build_error", None)
+        monkeypatch.setattr(native, "FLAGS", flags + [define])
+        assert native.available(), native.build_error()
+        for a, b in zip(clones, run_all()):
+            assert torch.equal(a, b), (define, (a != b).sum().item())
 
 
 @needs_compiler

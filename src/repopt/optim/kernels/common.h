@@ -9,12 +9,19 @@
 #include <omp.h>
 #endif
 
-/* One copy of the row loops per instruction set, picked when the library loads: AVX2+FMA where the CPU has it (the
- * updates are compute-bound on SSE2's 4-wide vectors), the baseline elsewhere. Both compute the same bits (the library
- * is built with -ffp-contract=off and calls fma() explicitly); -DREPOPT_NO_CLONES builds the baseline alone, which
- * tests/test_native.py compares with the clones. */
+/* One copy of the row loops per instruction set, picked when the library loads: AVX-512 where the CPU has it (torch's
+ * own CPU kernels use it there, and a core's step is bound by the instructions it issues as much as by memory:
+ * with AVX2 alone it was slower than torch's fused SGD, docs/benchmarks.md), else AVX2+FMA (the updates are
+ * compute-bound on SSE2's 4-wide vectors), else the baseline. All compute the same bits: the library is built with
+ * -ffp-contract=off and calls fma() explicitly, and every operation is correctly rounded at any vector width.
+ * -DREPOPT_NO_CLONES builds the baseline alone, -DREPOPT_NO_AVX512 leaves the AVX-512 clone out: tests/test_native.py
+ * compares them. */
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 && !defined(REPOPT_NO_CLONES)
+#ifdef REPOPT_NO_AVX512
 #define CLONES __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
+#endif
 #else
 #define CLONES
 #endif

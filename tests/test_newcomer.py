@@ -56,15 +56,24 @@ def test_plan_methods_ghostnet_runs_repopt_and_plain_and_says_why():
     assert plan_methods("repopt_vgg_tiny") == (("repopt", "repvgg", "plain"), {})
 
 
+def _plain_only(monkeypatch):
+    """A registered model `plain_only` that builds its target form only."""
+    import dataclasses
+
+    from repopt.models import registry
+
+    tiny = registry.model_info("repopt_vgg_tiny")
+    monkeypatch.setitem(registry._MODELS, "plain_only", dataclasses.replace(tiny, name="plain_only",
+                                                                            modes=("target",)))
+
+
 def test_plan_methods_refuses_unknown_arch_and_missing_hs_form(monkeypatch):
     from repopt.app.cli import UserError
     from repopt.app.pipeline import plan_methods
-    from repopt.models import registry
 
     with pytest.raises(UserError, match="unknown model 'repopt_vgg_nope'"):
         plan_methods("repopt_vgg_nope")
-    monkeypatch.setitem(registry._REGISTRY, "plain_only", registry._REGISTRY["repopt_vgg_tiny"])
-    monkeypatch.setitem(registry._MODES, "plain_only", ("target",))
+    _plain_only(monkeypatch)
     with pytest.raises(UserError, match="plain_only has no hyper-search form"):
         plan_methods("plain_only")
     assert plan_methods("plain_only", searches=False)[0] == ("repopt", "plain")
@@ -74,10 +83,8 @@ def test_pipeline_refusal_comes_before_any_stage(tmp_path, monkeypatch):
     from repopt.app import pipeline
     from repopt.app.cli import UserError
     from repopt.app.train import TrainConfig
-    from repopt.models import registry
 
-    monkeypatch.setitem(registry._REGISTRY, "plain_only", registry._REGISTRY["repopt_vgg_tiny"])
-    monkeypatch.setitem(registry._MODES, "plain_only", ("target",))
+    _plain_only(monkeypatch)
     started = []
     monkeypatch.setattr(pipeline, "search_scales", lambda *a, **k: started.append("search"))
     monkeypatch.setattr(pipeline, "train", lambda *a, **k: started.append("train"))
@@ -101,6 +108,7 @@ def test_ghostnet_pipeline_runs_repopt_and_plain(tmp_path, capsys, one_thread):
     assert [r["method"] for r in report["results"]] == ["repopt", "plain"]
     assert "repvgg" in report["skipped_methods"]
     assert "Not run: repopt_ghostnet_0_5x has no multi-branch" in (out / "report.md").read_text()
+
 
 # --- one source of defaults: TrainConfig's, the pipeline's change in one place, each command says what it uses ---
 
@@ -175,6 +183,7 @@ def test_a_recipes_settings_are_not_called_defaults(tmp_path, capsys):
     line = capsys.readouterr().out
     assert line.startswith("[train] arch repopt_vgg_b1, dataset folder, epochs 120, batch size 256, recipe "
                            "imagenet-repvgg-b1"), line
+
 
 # --- the C kernels are built before the clock starts, and their build is reported apart --------------------------
 
@@ -263,4 +272,65 @@ def test_the_pipeline_report_names_the_build_apart():
     assert "repopt: its optimizer's kernels (native) were built or loaded in 12.3 s before training, outside its " \
            "train s and img/s." in text
     assert "plain: its" not in text
+
+
+# --- model metadata as data: image size, the released scales file, the paper's figure -----------------------------
+
+def test_every_registered_model_has_metadata_and_the_names_are_written_out():
+    import re
+    from pathlib import Path
+
+    from repopt.models import CONFIGS, list_models
+    from repopt.models.registry import model_info
+
+    src = Path(__file__).parents[1] / "src" / "repopt" / "models"
+    text = (src / "registry.py").read_text() + (src / "vgg.py").read_text()
+    for name in list_models():
+        info = model_info(name)
+        assert info.name == name and info.image_size in (28, 32, 224) and info.modes and info.description
+        assert f'"{name}"' in text, name  # `grep -rn {name} src` finds its definition
+        assert name in CONFIGS or name == "repopt_ghostnet_0_5x"
+    assert not re.search(r'f"repopt_vgg_\{', text)  # no name built by an f-string any more
+
+
+def test_the_released_scales_files_named_in_the_registry_fit_their_models():
+    from pathlib import Path
+
+    import repopt
+    from repopt.models import create, list_models
+    from repopt.models.registry import model_info
+
+    released = Path(__file__).parents[2] / "shared" / "official-scales"
+    named = {n: model_info(n).scales_file for n in list_models() if model_info(n).scales_file}
+    assert named == {"repopt_vgg_b1": "RepOpt-VGG-B1-scales.pth", "repopt_vgg_b2": "RepOpt-VGG-B2-scales.pth",
+                     "repopt_vgg_l1": "RepOpt-VGG-L1-scales.pth", "repopt_vgg_l2": "RepOpt-VGG-L2-scales.pth",
+                     "repopt_ghostnet_0_5x": "RepOptGhostNet_0_5x_scales.pth"}
+    if not released.is_dir():
+        pytest.skip("the released scales files are not on this machine")
+    import torch
+
+    for name, file in named.items():
+        with torch.device("meta"):
+            model = create(name, num_classes=1000)
+        assert len(repopt.load_scales(released / file).bind(model)) == len(model.target_conv_names())  # strict
+
+
+def test_paper_figures_only_where_the_paper_states_them():
+    from repopt.models import list_models
+    from repopt.models.registry import model_info
+
+    figures = {n: model_info(n).paper_top1 for n in list_models() if model_info(n).paper_top1 is not None}
+    # FIELD-NOTES.md, the paper's Table 2: RepOpt-VGG at batch 32 on ImageNet
+    assert figures == {"repopt_vgg_b1": 78.47, "repopt_vgg_b2": 79.36, "repopt_vgg_l1": 79.46, "repopt_vgg_l2": 80.29}
+    assert all(model_info(n).paper_source for n in figures)
+
+
+def test_list_archs_shows_the_metadata(capsys):
+    assert cli.main(["train", "--list-archs"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    b1 = next(line for line in lines if line.startswith("repopt_vgg_b1 "))
+    assert b1.split()[:5] == ["repopt_vgg_b1", "224", "target,hs,csla,repvgg", "RepOpt-VGG-B1-scales.pth", "78.47%"]
+    ghost = next(line for line in lines if line.startswith("repopt_ghostnet_0_5x "))
+    assert ghost.split()[2] == "target,hs,csla"
+    assert lines[-1].startswith("timm:NAME")
 

@@ -33,15 +33,19 @@ class VGGConfig:
         return cls(min(64, int(64 * multipliers[0])), widths, tuple(blocks), tuple(strides))
 
 
-_A, _B, _L = (2, 4, 14, 1), (4, 6, 16, 1), (8, 14, 24, 1)
-_W = {"a0": (0.75, 0.75, 0.75, 2.5), "a1": (1, 1, 1, 2.5), "a2": (1.5, 1.5, 1.5, 2.75), "b0": (1, 1, 1, 2.5),
-      "b1": (2, 2, 2, 4), "b2": (2.5, 2.5, 2.5, 5), "b3": (3, 3, 3, 5)}
+_A, _B, _L = (2, 4, 14, 1), (4, 6, 16, 1), (8, 14, 24, 1)  # blocks of stages 1..4 (22, 28, 48 layers with the stem)
 
+# the names written out, so that a search for one finds its definition (models/registry.py: their metadata)
 CONFIGS: dict[str, VGGConfig] = {
-    **{f"repopt_vgg_{v}": VGGConfig.from_multipliers(_A, _W[v]) for v in ("a0", "a1", "a2")},
-    **{f"repopt_vgg_{v}": VGGConfig.from_multipliers(_B, _W[v]) for v in ("b0", "b1", "b2", "b3")},
-    "repopt_vgg_l1": VGGConfig.from_multipliers(_L, _W["b1"]),
-    "repopt_vgg_l2": VGGConfig.from_multipliers(_L, _W["b2"]),
+    "repopt_vgg_a0": VGGConfig.from_multipliers(_A, (0.75, 0.75, 0.75, 2.5)),
+    "repopt_vgg_a1": VGGConfig.from_multipliers(_A, (1, 1, 1, 2.5)),
+    "repopt_vgg_a2": VGGConfig.from_multipliers(_A, (1.5, 1.5, 1.5, 2.75)),
+    "repopt_vgg_b0": VGGConfig.from_multipliers(_B, (1, 1, 1, 2.5)),
+    "repopt_vgg_b1": VGGConfig.from_multipliers(_B, (2, 2, 2, 4)),
+    "repopt_vgg_b2": VGGConfig.from_multipliers(_B, (2.5, 2.5, 2.5, 5)),
+    "repopt_vgg_b3": VGGConfig.from_multipliers(_B, (3, 3, 3, 5)),
+    "repopt_vgg_l1": VGGConfig.from_multipliers(_L, (2, 2, 2, 4)),    # B1's widths
+    "repopt_vgg_l2": VGGConfig.from_multipliers(_L, (2.5, 2.5, 2.5, 5)),  # B2's widths
     # CPU presets for 32x32 images: three stride-2 layers (32 -> 4 at stage4), stage1 keeps the stem's width so its
     # first block has an identity branch too.
     "repopt_vgg_tiny": VGGConfig(16, (16, 32, 64, 128), (1, 2, 2, 1), (1, 1, 2, 2, 2)),

@@ -122,3 +122,21 @@ def hs_epochs_of(args, cfg: TrainConfig) -> int:
 
     return cfg.epochs if args.hs_epochs is None else at_least_one(args.hs_epochs, "--hs-epochs")
 
+
+def model_table() -> str:
+    """`repopt train --list-archs`: every registered model with its metadata (models/registry.py), then timm."""
+    from ...models.registry import list_models, model_info
+
+    rows = [("name", "image", "modes", "released scales", "paper top-1", "")]
+    for name in list_models():
+        info = model_info(name)
+        paper = f"{info.paper_top1:.2f}%" if info.paper_top1 is not None else "-"
+        rows.append((name, str(info.image_size), ",".join(info.modes), info.scales_file or "-", paper,
+                     info.description))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5] for r in rows]
+    sources = sorted({model_info(n).paper_source for n in list_models() if model_info(n).paper_source})
+    return "\n".join([*(line.rstrip() for line in lines),
+                      *(f"paper top-1: ImageNet, RepOpt training, from {s}" for s in sources),
+                      "timm:NAME    any timm model (needs timm; docs/timm.md)"])
+

@@ -56,13 +56,11 @@ def add_init_from_argument(p, extra: str = "") -> None:
 
 
 def run(args) -> int:
-    from ...models import list_models
     from ..runs import train_repopt
-    from .common import config_from_args, hs_epochs_of
+    from .common import config_from_args, hs_epochs_of, model_table
 
     if args.list_archs:
-        print("\n".join(list_models()))
-        print("timm:NAME    any timm model (needs timm; docs/timm.md)")
+        print(model_table())
         return 0
     cfg = config_from_args(args, "repopt", args.out, scales=args.scales, identity_init=args.identity_init,
                            grad_clip=args.grad_clip, reinit=not args.no_reinit, mask=not args.no_mask,

@@ -141,6 +141,7 @@ def _check_payload_config(path, archive, root, config_name, folder, prefix) -> N
         entries = list(config.items())
     except (ValueError, KeyError, TypeError, AttributeError):
         raise ProgramFileError(f"{path}: {root}/{config_name} is not a torch.export payload config") from None
+    names = set(archive.namelist())
     for key, entry in entries:
         file = entry.get("path_name") if isinstance(entry, dict) else None
         if not isinstance(entry, dict) or entry.get("use_pickle") is not False or not isinstance(file, str) \
@@ -150,7 +151,7 @@ def _check_payload_config(path, archive, root, config_name, folder, prefix) -> N
         if not isinstance(key, str) or not _PATH.fullmatch(key) or not key:
             raise ProgramFileError(f"{path}: {root}/{config_name} names a tensor {key!r} that is not a dotted path "
                                    f"of words; refused")
-        if f"{root}/{folder}{file}" not in archive.namelist():
+        if f"{root}/{folder}{file}" not in names:
             raise ProgramFileError(f"{path}: entry {key!r} points to {root}/{folder}{file}, which is missing")
 
 
@@ -169,7 +170,9 @@ def _check_program_json(path, archive, name) -> None:
         program = json.loads(archive.read(name))
     except (ValueError, UnicodeDecodeError):
         raise ProgramFileError(f"{path}: {name} is not valid JSON") from None
-    if not isinstance(program, dict) or program.get("guards_code", []) != []:
+    if not isinstance(program, dict):
+        raise ProgramFileError(f"{path}: {name} is not a torch.export program")
+    if program.get("guards_code", []) != []:
         raise ProgramFileError(f"{path}: {name} carries guard code (Python that building the module would run); "
                                f"repopt's programs carry none; refused")
     for key, value in _strings(program):

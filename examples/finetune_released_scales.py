@@ -4,7 +4,7 @@ already, and re-initializing them would throw the training away (`RepOptSGD.from
 
     python examples/finetune_released_scales.py --arch repopt_vgg_b1 \\
         --checkpoint B1_CHECKPOINT.pth --scales RepOpt-VGG-B1-scales.pth     # the released B1 weights and scales
-    python examples/own_training_loop.py && python examples/finetune_released_scales.py --arch repopt_vgg_tiny \
+    python examples/own_training_loop.py && python examples/finetune_released_scales.py --arch repopt_vgg_tiny \\
         --checkpoint runs/own_training_loop/model.safetensors --scales runs/own_training_loop/scales.safetensors
     python examples/finetune_released_scales.py --arch repopt_vgg_tiny --checkpoint CKPT --scales SCALES --toy
 
@@ -31,6 +31,7 @@ parser.add_argument("--checkpoint", required=True, type=Path, help="the trained 
 parser.add_argument("--scales", required=True, type=Path, help="the scales file (released .pth or repopt's own)")
 parser.add_argument("--dataset", default="digits", help="the new task: one of repopt.data.DATASETS")
 parser.add_argument("--data-dir", help="where --dataset's files are (none for the embedded digits)")
+parser.add_argument("--image-size", type=int, help="the side the images are served at (default: the dataset's)")
 parser.add_argument("--epochs", type=int, default=5)
 parser.add_argument("--out", type=Path, default=Path("runs/finetune"))
 parser.add_argument("--toy", action="store_true", help="1 epoch of 3 steps: a smoke test in seconds")
@@ -39,10 +40,11 @@ if args.toy:
     args.epochs = 1
 torch.manual_seed(0)
 
-data = load_dataset(args.dataset, args.data_dir)
+data = load_dataset(args.dataset, args.data_dir, args.image_size)
 batch_size = 64
-# a tenth of the paper's from-scratch rate (0.1 per 256 images): a usual fine-tuning choice, not tuned here
-lr = 0.01 * batch_size / 256
+# BiT-HyperRule's small-data fine-tuning optimizer, as `repopt train --recipe finetune` uses it (sources in
+# src/repopt/app/recipes.py): 0.003 per 512 images, momentum 0.9, no weight decay, warmup over the first fifth
+lr = 0.003 * batch_size / 512
 
 # The plain target network, then the trained weights (a head of another size is replaced, and it says so).
 model = repopt.models.create(args.arch, mode="target", num_classes=data.num_classes)
@@ -56,12 +58,12 @@ print(f"top-1 before fine-tuning {evaluate_top1(model, data.test_batches(256)):.
 # The multipliers only: reinit=False keeps the trained kernels. from_scales still checks every scale vector against
 # its conv and names the layer of a file that does not fit.
 scales = repopt.load_scales(args.scales)
-optimizer = repopt.RepOptSGD.from_scales(model, scales, reinit=False, lr=lr, momentum=0.9, nesterov=True,
-                                         weight_decay=4e-5)
+optimizer = repopt.RepOptSGD.from_scales(model, scales, reinit=False, lr=lr, momentum=0.9, weight_decay=0.0)
 print(f"fine-tuning with the multipliers of {args.scales.name}, no rule of initialization")
 
 steps = 3 if args.toy else data.steps_per_epoch(batch_size)
-schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.epochs * steps)
+schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=args.epochs * steps, pct_start=0.2,
+                                               cycle_momentum=False)  # warmup, then cosine
 model.train()
 for epoch in range(args.epochs):
     for x, y in itertools.islice(data.train_batches(batch_size, epoch, seed=0), steps):

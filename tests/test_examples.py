@@ -10,7 +10,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -92,8 +91,6 @@ def trained_checkpoint(arch: str, num_classes: int) -> dict[str, torch.Tensor]:
     return state
 
 
-@pytest.mark.skipif(not hasattr(repopt, "init_from"), reason="repopt.init_from (src/repopt/pretrained.py) is not "
-                    "in this tree yet: the fine-tuning example needs it")
 def test_finetune_from_a_released_format_checkpoint_keeps_its_weights(tmp_path):
     """The files in the formats the paper's repository releases: the checkpoint as a `model` wrapper with DDP's
     `module.` prefix and a 5-class head, the scales as its `.pth` of scale vectors."""
@@ -105,7 +102,8 @@ def test_finetune_from_a_released_format_checkpoint_keeps_its_weights(tmp_path):
 
     out = run(EXAMPLES / "finetune_released_scales.py", "--arch", arch, "--checkpoint", tmp_path / "ckpt.pth",
               "--scales", tmp_path / "scales.pth", "--toy", "--out", tmp_path / "ft", cwd=tmp_path).stdout
-    top1(out, "top-1 before fine-tuning"), top1(out, "top-1 after fine-tuning")
+    top1(out, "top-1 before fine-tuning")
+    top1(out, "top-1 after fine-tuning")
     assert "replaced" in out, out  # the 5-class head does not fit the digits' 10 classes: said in one line
     tuned = load_file(tmp_path / "ft" / "model.safetensors")
     assert tuned["linear.weight"].shape[0] == 10

@@ -245,6 +245,32 @@ def test_idx_gzip_bomb_is_read_no_further_than_its_header_declares(tmp_path):
     assert peak < 4 << 20, f"the loader held {peak} bytes for a file that declares 116"
 
 
+
+def test_idx_gzip_whose_header_declares_more_than_it_can_hold_is_refused_before_inflating(tmp_path):
+    """The same bomb with a header declaring 1 TiB: bounded by the header alone, the loader would inflate all 64 MiB;
+    no gzip of this size can hold 1 TiB (deflate expands at most 1032:1), so it is refused before reading."""
+    import tracemalloc
+    import zlib
+
+    from repopt.data.errors import DataError
+    from repopt.data.idx import read_idx
+
+    header = b"\x00\x00\x08\x03" + (1 << 20).to_bytes(4, "big") + (1 << 10).to_bytes(4, "big") * 2
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)
+    zeros = bytes(1 << 20)
+    body = [packer.compress(header)] + [packer.compress(zeros) for _ in range(64)]
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    path.write_bytes(b"".join(body) + packer.flush())
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError, match=r"is truncated: its header declares shape \(1048576, 1024, 1024\) \("
+                                            r"1099511627792 bytes\), more than a gzip file of \d+ bytes can inflate"):
+            read_idx(path)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20, f"the loader held {peak} bytes"
+
 # ---------------------------------------------------------------- atomic_write: fsync before the rename, and after
 
 def _record_syncs(monkeypatch) -> list[str]:

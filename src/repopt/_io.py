@@ -48,9 +48,10 @@ def atomic_write(path: str | os.PathLike, write) -> Path:
 
     The temporary is fsync'ed before the rename and its folder after it, so that after a power loss `path` holds the
     old file or the new one, never a new name over blocks not yet written. The temporary file sits beside `path` and
-    keeps its suffix (so writers that pick a format from the name, such as matplotlib, still work). Temporaries that a killed process left beside `path` (their pid no longer runs) are
-    removed first. An OSError of the write becomes a WriteError naming `path`; other errors (torch.save's
-    RuntimeError, ...) pass as they are. Returns `path`.
+    keeps its suffix (so writers that pick a format from the name, such as matplotlib, still work). Temporaries that
+    a killed process left beside `path` (their pid no longer runs) are removed first. An OSError of the write
+    becomes a WriteError naming `path`; other errors (torch.save's RuntimeError, ...) pass as they are. Returns
+    `path`.
     """
     path = Path(path)
     _remove_stale_temporaries(path)

@@ -47,17 +47,19 @@ def read_idx(path: str | Path) -> np.ndarray:
         with open(path, "rb") as f:
             gzipped = f.read(2) == b"\x1f\x8b"
             f.seek(0)
+            size = path.stat().st_size
             if gzipped:
-                return _parse(path, gzip.GzipFile(fileobj=f, mode="rb"), None)
-            return _parse(path, f, path.stat().st_size)
+                return _parse(path, gzip.GzipFile(fileobj=f, mode="rb"), None, _MAX_DEFLATE_RATIO * size + 1024)
+            return _parse(path, f, size, None)
     except OSError as e:  # also gzip.BadGzipFile
         raise DataError(f"{path} cannot be read ({getattr(e, 'strerror', None) or e}).") from None
     except (EOFError, zlib.error):
         raise DataError(f"{path} is a truncated or damaged gzip file.") from None
 
 
-def _parse(path: Path, stream, file_size: int | None) -> np.ndarray:
-    """The array in `stream` (file_size: the size of an uncompressed file, checked before its payload is read)."""
+def _parse(path: Path, stream, file_size: int | None, most: int | None) -> np.ndarray:
+    """The array in `stream` (file_size: the size of an uncompressed file, checked before its payload is read; most:
+    the most bytes a gzipped file can inflate to, so that a header declaring more is refused before inflating)."""
     start = _read_at_most(stream, 4)
     if len(start) < 4 or start[0] != 0 or start[1] != 0 or start[2] not in _TYPES:
         raise DataError(f"{path} is not an IDX file (its first bytes {start.hex(' ') or 'are missing'}; an IDX "
@@ -69,6 +71,9 @@ def _parse(path: Path, stream, file_size: int | None) -> np.ndarray:
     shape = tuple(int(d) for d in np.frombuffer(dims, dtype=">u4"))
     header = 4 + 4 * ndim
     expected = header + int(np.prod(shape, dtype=object)) * dtype.itemsize  # object: no int64 overflow
+    if most is not None and expected > most:  # a header claiming terabytes: refused before inflating a byte of it
+        raise DataError(f"{path} is truncated: its header declares shape {shape} ({expected} bytes), more than a "
+                        f"gzip file of {path.stat().st_size} bytes can inflate to.")
     held = file_size
     if held is None or held == expected:
         payload = _read_at_most(stream, expected - header)
@@ -84,6 +89,7 @@ def _parse(path: Path, stream, file_size: int | None) -> np.ndarray:
 
 
 _CHUNK = 1 << 20
+_MAX_DEFLATE_RATIO = 1032  # deflate's limit: one 258-byte match per (at best) 2 bits
 
 
 def _read_at_most(stream, n: int) -> bytearray:

@@ -168,8 +168,8 @@ def _check_sample_inputs(path, archive, name) -> None:
 def _check_program_json(path, archive, name) -> None:
     try:
         program = json.loads(archive.read(name))
-    except (ValueError, UnicodeDecodeError):
-        raise ProgramFileError(f"{path}: {name} is not valid JSON") from None
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        raise ProgramFileError(f"{path}: {name} is not valid JSON (or nests too deeply)") from None
     if not isinstance(program, dict):
         raise ProgramFileError(f"{path}: {name} is not a torch.export program")
     if program.get("guards_code", []) != []:
@@ -189,16 +189,18 @@ def _check_program_json(path, archive, name) -> None:
                                    f"would be pasted into generated Python source); refused")
 
 
-def _strings(o, key=None):
-    """(key, string) for every string in a JSON value, with the key of the nearest enclosing dict entry."""
-    if isinstance(o, dict):
-        for k, v in o.items():
-            yield from _strings(v, k)
-    elif isinstance(o, list):
-        for v in o:
-            yield from _strings(v, key)
-    elif isinstance(o, str):
-        yield key, o
+def _strings(value):
+    """(key, string) for every string in a JSON value, with the key of the nearest enclosing dict entry (a stack, not
+    recursion: the nesting depth is the file's choice)."""
+    stack = [(None, value)]
+    while stack:
+        key, o = stack.pop()
+        if isinstance(o, dict):
+            stack.extend(o.items())
+        elif isinstance(o, list):
+            stack.extend((key, v) for v in o)
+        elif isinstance(o, str):
+            yield key, o
 
 
 def _is_plain_expression(text: str) -> bool:
@@ -206,7 +208,7 @@ def _is_plain_expression(text: str) -> bool:
     shape functions, with constant keyword arguments: nothing sympify evaluates then reaches other code."""
     try:
         tree = ast.parse(text, mode="eval")
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         return False
     for node in ast.walk(tree):
         if not isinstance(node, _SYMPY_NODES):

@@ -14,9 +14,11 @@ The scales file is OUT/scales.safetensors (and a copy at -o/--output when given)
 
 def add_arguments(p) -> None:
     from .common import add_training_arguments
+    from .data_args import add_classes_argument
 
     p.add_argument("-o", "--output", default=None, help="also copy the scales file here")
     p.add_argument("--json", action="store_true")
+    add_classes_argument(p)
     add_training_arguments(p, "runs/search", hs_epochs=False)  # --epochs are the search's own
 
 
@@ -27,7 +29,8 @@ def run(args) -> int:
 
     if args.output:
         check_writable(args.output)  # before the search, not after it
-    scales, result = search_scales(config_from_args(args, "hs", args.out, grad_clip=HS_GRAD_CLIP))
+    cfg = config_from_args(args, "hs", args.out, grad_clip=HS_GRAD_CLIP, classes=args.classes)
+    scales, result = search_scales(cfg)
     if args.output:
         scales = copy_file(scales, args.output)
     if args.json:

@@ -1,0 +1,63 @@
+"""bench/experiments/transfer.py: every run is a valid repopt command whose inputs an earlier run makes, the rows
+compare what issue 21 asks for, and the table is read from the runs' files with paired differences."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "bench"
+sys.path[:0] = [str(BENCH), str(BENCH / "experiments")]
+
+import transfer  # noqa: E402
+
+
+def test_every_run_is_a_valid_command_whose_inputs_an_earlier_run_makes(tmp_path):
+    from repopt.app.cli import build_parser
+
+    jobs = transfer.jobs(tmp_path)
+    assert len({j.name for j in jobs}) == len(jobs)
+    parser, made = build_parser(), set()
+    for j in jobs:
+        args = parser.parse_args(j.argv)  # a misspelt flag fails here, not hours into the experiment
+        for need in j.needs:
+            assert any(need.startswith(m) for m in made), f"{j.name} needs {need}, which no earlier run makes"
+        made.add(j.name + "/" if not j.stdout else j.stdout)
+        if j.argv[0] == "train":
+            pre = j.name.startswith("pre/")
+            assert args.classes == ([0, 1, 2, 3, 4] if pre else [5, 6, 7, 8, 9])
+            assert (args.train_subset, args.init_from is not None) == ((None, False) if pre else
+                                                                       (1000, j.name.startswith("ft/")))
+            assert (args.recipe == "finetune") == j.name.startswith("ft/")
+    ft = {j.name: j.argv for j in jobs if j.name.startswith("ft/") and j.name.endswith("/s0")}
+    source = lambda argv: argv[argv.index("--init-from") + 1]  # noqa: E731
+    # with and without the multipliers: the same RepOpt-trained weights; RepVGG from its own multi-branch weights
+    assert source(ft["ft/repopt/s0"]) == source(ft["ft/plain/s0"]) != source(ft["ft/repvgg/s0"])
+    assert "--scales" in ft["ft/repopt/s0"] and "--scales" not in ft["ft/plain/s0"]
+    assert {j.argv[0] for j in jobs} == {"search", "train", "quantize"}
+
+
+def test_the_table_pairs_each_row_with_repopt_fine_tuned(tmp_path):
+    study = transfer.Study(seeds=(0, 1))
+    values = {"ft/repopt": (90.0, 92.0), "ft/plain": (89.0, 90.0), "scratch/plain": (80.0, None)}
+    for row, tops in values.items():
+        for s, top1 in zip(study.seeds, tops):
+            if top1 is None:
+                continue
+            (tmp_path / row / f"s{s}").mkdir(parents=True)
+            (tmp_path / row / f"s{s}" / "result.json").write_text(json.dumps({"deployed_top1": top1}))
+    (tmp_path / "int8" / "ft" / "repopt").mkdir(parents=True)
+    (tmp_path / "int8" / "ft" / "repopt" / "s0-per-tensor.json").write_text(json.dumps({"int8_top1": 88.0}))
+    lines = {line.split(" | ")[0]: line for line in transfer.table(tmp_path, study).splitlines()}
+    assert lines["| ft/repopt"] == "| ft/repopt | 91.00 ± 1.00 | - | - | 88.00 ± 0.00 (n=1) |"
+    assert lines["| ft/plain"] == "| ft/plain | 89.50 ± 0.50 | -1.50 ± 0.50 (0/0/2) | - | - |"
+    assert lines["| scratch/plain"].startswith("| scratch/plain | 80.00 ± 0.00 (n=1) | -10.00")
+    assert lines["| ft/repvgg"] == "| ft/repvgg | - | - | - | - |"
+
+
+def test_a_root_holding_another_study_is_refused(tmp_path):
+    transfer.Study().save(tmp_path)
+    with pytest.raises(SystemExit, match="records another study"):
+        transfer.Study(subset=500).save(tmp_path)

@@ -123,12 +123,17 @@ def diag_columns(fields: tuple, device: torch.device) -> Tensor:
     key = (fields, device)
     table = _diag_tables.get(key)
     if table is None:
-        rows, row_len, taps, diag_group, diag_centre, channels_last = fields
-        channel = torch.arange(rows, dtype=torch.int64) % max(diag_group, 1)
-        cols = diag_centre * (row_len // taps) + channel if channels_last else channel * taps + diag_centre
-        cols = cols if diag_group else torch.full((rows,), -1, dtype=torch.int64)
-        table = _diag_tables[key] = cols.to(torch.int32).to(device)
+        table = _diag_tables[key] = diag_columns_of(fields, torch.arange(fields[0])).to(device)
     return table
+
+
+def diag_columns_of(fields: tuple, rows: Tensor) -> Tensor:
+    """diag_columns for these rows (int32)."""
+    _, row_len, taps, diag_group, diag_centre, channels_last = fields
+    if not diag_group:
+        return torch.full(rows.shape, -1, dtype=torch.int32)
+    channel = rows.to(torch.int64) % diag_group
+    return (diag_centre * (row_len // taps) + channel if channels_last else channel * taps + diag_centre).int()
 
 
 def _meta_row(p: Tensor, mult, grad: Tensor, s1=None, s2=None, s3=None, table=None, first=False, nb=1) -> list:
@@ -298,13 +303,14 @@ _POINTERS = {"sgd": (torch.float32, torch.float32, "compute"), "adamw": (torch.f
 
 def _cause(e: BaseException) -> str:
     """What a failure to compile or load a kernel means for the user, from triton's exception."""
-    text = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+    first = str(e).strip().splitlines()[0].split(". ")[0].rstrip(".") if str(e).strip() else ""
+    text = f"{type(e).__name__}: {first}"  # its first sentence: the error is named in one sentence
     low = text.lower()
-    if "c compiler" in low or "cc" == low.split(":")[-1].strip() or "gcc" in low or "clang" in low:
+    if "c compiler" in low or "gcc" in low or "clang" in low:
         return f"triton found no working host C compiler to build its launcher ({text})"
-    if "ptx" in low or "unsupported toolchain" in low or "driver" in low or "no kernel image" in low:
+    if any(w in low for w in ("unsupported toolchain", "unsupported_ptx", "ptx version", "driver", "no kernel image")):
         return f"the CUDA driver is too old for the code triton emits ({text})"
-    if "compil" in low or "ptxas" in low:
+    if type(e).__name__ in ("CompilationError", "PTXASError") or "ptxas" in low or "compil" in low:
         return f"the kernel failed to compile ({text})"
     return f"readying the kernel failed ({text})"
 

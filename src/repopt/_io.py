@@ -142,6 +142,15 @@ def _remove_stale_temporaries(path: Path) -> None:
             pass  # alive (or not ours to probe): leave it
 
 
+def is_safetensors(path: str | os.PathLike) -> bool:
+    """Does the file start as safetensors does: an 8-byte little-endian header length, then the JSON header? Checked
+    before any other format's magic bytes: the length's low byte can be anything, a pickle's 0x80 or a zip's "PK"."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size
+
+
 def load_error_reason(e: BaseException) -> tuple[bool, str]:
     """(refused for safety?, one short line) from a torch.load error, whose text runs to several paragraphs."""
     text = str(e)

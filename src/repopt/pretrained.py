@@ -98,14 +98,6 @@ class _Source:
     notes: list[str] = field(default_factory=list)
 
 
-def _is_safetensors(path: Path) -> bool:
-    """safetensors: an 8-byte little-endian header length, then the JSON header (checked before a pickle's 0x80 or a
-    zip's "PK": the length's low byte can be anything)."""
-    with open(path, "rb") as f:
-        head = f.read(9)
-    return head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size
-
-
 def _read_safetensors(path: Path) -> _Source:
     from safetensors import SafetensorError
     from safetensors.torch import safe_open
@@ -149,6 +141,8 @@ def _read_torch(path: Path) -> _Source:
 
 
 def _read(source) -> _Source:
+    from ._io import is_safetensors
+
     if isinstance(source, Mapping):
         src = _Source("state dict in memory", None, dict(source))
     else:
@@ -160,7 +154,7 @@ def _read(source) -> _Source:
             path = file
         elif not path.is_file():
             raise InitError(f"{path}: no such file or run directory")
-        src = _read_safetensors(path) if _is_safetensors(path) else _read_torch(path)
+        src = _read_safetensors(path) if is_safetensors(path) else _read_torch(path)
     where = src.path or "the state dict"
     bad = next((k for k, v in src.state.items() if not isinstance(k, str) or not isinstance(v, Tensor)), None)
     if bad is not None:

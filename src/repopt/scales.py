@@ -139,12 +139,11 @@ def load_scales(path: str | os.PathLike) -> Scales:
     if not path.is_file():
         what = "is a directory, not a file" if path.is_dir() else "does not exist"
         raise ScalesError(f"scales file {str(path)!r} {what}")
+    from ._io import is_safetensors
+
     with open(path, "rb") as f:
-        head = f.read(9)
-    # safetensors: an 8-byte little-endian header length, then the JSON header. Check that first: the length's low
-    # byte can be anything, a pickle's 0x80 or a zip's "PK" included.
-    is_safetensors = head[8:9] == b"{" and 8 + int.from_bytes(head[:8], "little") <= path.stat().st_size
-    if not is_safetensors and (head[:2] == b"PK" or head[:1] == b"\x80"):  # a zip (torch.save) or a raw pickle
+        head = f.read(2)
+    if not is_safetensors(path) and (head[:2] == b"PK" or head[:1] == b"\x80"):  # a zip (torch.save) or a pickle
         scales = _load_reference(path)
     else:
         scales = _load_safetensors(path)

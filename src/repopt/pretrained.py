@@ -7,7 +7,9 @@ The sources, in the forms they are found in:
   `model` / `state_dict` wrapper and a `module.` prefix (DDP) are taken off;
 - a multi-branch RepVGG-style state dict (repopt's own repvgg runs, the reference's repvgg mode, timm's RepVGG /
   MobileOne for `timm:NAME`): loaded into the model's multi-branch twin and fused by `repopt.to_target`, the same
-  algebra (MATH (1)) as everywhere else, so the plain model computes what the multi-branch one computed in eval mode;
+  algebra (MATH (1)) as everywhere else, so the plain model computes what the multi-branch one computed in eval mode
+  (in training mode the one BatchNorm after each fused conv normalizes by batch statistics, which the per-branch
+  BatchNorms did branch by branch: no single conv-BN reproduces that, see convert.py; fine-tuning starts from it);
 - any state dict (safetensors, a torch file, or a dict in memory) whose keys are the model's.
 
 A classifier of another size (the model's declared head, else its last Linear) is left as the model built it (fresh,

@@ -12,7 +12,7 @@ opens for its device and takes it (every backend's `takes(p, grad, mult, *state)
 their code (`triton_kernels.warm_up`), all before any parameter or state changes, so a backend that cannot run
 (`paths.PathUnavailable`) leaves nothing half done. The rows, in order:
 
-    "compiled"  RepOptSGD(compiled=True) only: one torch.compile'd kernel per contiguous weight (compiled.py)
+    "compiled"  RepOptSGD(compiled=True) only (deprecated): one torch.compile'd kernel per contiguous weight
     "triton"    CUDA weights where triton imports (triton=None), or as required (triton=True): one multi-tensor
                 launch per device and dtype (triton_kernels.py)
     "native"    float32/float64 CPU weights where the C kernels build (native.py): one call per dtype
@@ -34,6 +34,8 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ..branches import BranchSet, FixedMultiplier
+from . import native as native_kernel
+from . import triton_kernels
 from .paths import PathUnavailable
 
 STATE_KEY = "repopt"
@@ -45,17 +47,6 @@ class Path(NamedTuple):
     opens: Callable[..., bool]  # (opt, group, device): may it run for this group's weights on device? (once a step)
     takes: Callable[..., bool]  # (opt, group, p, grad, mult, *state): does it take this weight?
     step: Callable[..., None]   # (opt, group, items): update the weights it took, all of one device and dtype
-
-
-def _takes_mult_first() -> bool:
-    import inspect
-
-    from . import triton_kernels
-
-    return list(inspect.signature(triton_kernels.takes).parameters)[1] == "mult"
-
-
-_TRITON_TAKES_MULT_FIRST = _takes_mult_first()
 
 
 def _triton_by_default(device: torch.device) -> bool:
@@ -142,8 +133,8 @@ class RepOptMixin:
             except PathUnavailable as e:
                 if self.triton:
                     raise PathUnavailable(f"{type(self).__name__}(triton=True): {e}") from None
-                warnings.warn(f"{type(self).__name__}: the Triton kernels cannot run here ({e}), so its target "
-                              f"weights take the eager path from now on", stacklevel=4)
+                warnings.warn(f"{type(self).__name__}: {e}; its target weights take the other paths (on CUDA the "
+                              f"eager path) from now on", stacklevel=4)
                 self.triton = False
 
     def _gather(self, gi: int, group) -> tuple[list, list]:
@@ -186,13 +177,10 @@ class RepOptMixin:
 
     def _warm_up(self, routed: list) -> None:
         """Ready the Triton kernels of every group's Triton batches (compiles on a first use; PathUnavailable)."""
-        from . import triton_kernels
-
-        warm_up = getattr(triton_kernels, "warm_up", lambda kind, group, params: None)
         for group, _, batches in routed:
             params = [item[0] for name, items in batches if name == "triton" for item in items]
             if params:
-                warm_up(self._kind, group, params)
+                triton_kernels.warm_up(self._kind, group, params)
 
     def _dispatch(self, routed: list) -> None:
         """Run each batch on the kernel its path names (PATHS), after the plain parameters' torch step."""
@@ -217,8 +205,6 @@ class RepOptMixin:
     # ---- the native CPU kernels (native.py) ---------------------------------------------------------------------
     def _init_native(self, native: bool | None) -> None:
         """native: None (default) uses the kernels where they build, True refuses to run without them, False never."""
-        from . import native as native_kernel
-
         if native is True and not native_kernel.available():
             raise RuntimeError(f"{type(self).__name__}(native=True): the native kernel is unavailable "
                                f"({native_kernel.build_error() or 'turned off by REPOPT_NATIVE'})")
@@ -229,12 +215,9 @@ class RepOptMixin:
     def _init_triton(self, triton: bool | None) -> None:
         """triton: None (default) uses the multi-tensor Triton kernels for CUDA weights where triton imports, True
         requires them (on CPU tensors: only under TRITON_INTERPRET=1, for tests), False never."""
-        if triton is True:
-            from . import triton_kernels
-
-            if triton_kernels._load() is None:
-                raise RuntimeError(f"{type(self).__name__}(triton=True): triton cannot be imported "
-                                   f"({triton_kernels.error()}); pip install 'repopt[triton]'")
+        if triton is True and triton_kernels._load() is None:
+            raise RuntimeError(f"{type(self).__name__}(triton=True): triton cannot be imported "
+                               f"({triton_kernels.error()}); pip install 'repopt[triton]'")
         self.triton = triton
 
     def _opens_triton(self, group, device: torch.device) -> bool:
@@ -243,8 +226,6 @@ class RepOptMixin:
             return False
         if self.triton is None and not _triton_by_default(device):
             return False
-        from . import triton_kernels
-
         why = triton_kernels.usable(device)
         if why is not None and self.triton:
             raise RuntimeError(f"{type(self).__name__}(triton=True): {why}")
@@ -255,10 +236,6 @@ class RepOptMixin:
         return why is None
 
     def _takes_triton(self, group, p: Tensor, grad: Tensor, mult, *state) -> bool:
-        from . import triton_kernels
-
-        if _TRITON_TAKES_MULT_FIRST:  # TRANSITION: until triton_kernels.takes has the backends' one signature
-            return triton_kernels.takes(p, mult, grad, *state)
         return triton_kernels.takes(p, grad, mult, *state)
 
     def _say_once(self, message: str) -> None:
@@ -276,15 +253,11 @@ class RepOptMixin:
         return device.type == "cpu" and self._native_allowed(group)
 
     def _takes_native(self, group, p: Tensor, grad: Tensor, mult, *state) -> bool:
-        from . import native as native_kernel
-
         return (self._native_job(p, mult, self._native_prepare) is not None
                 and native_kernel.takes(p, grad, mult, *state))
 
     def _native_allowed(self, group) -> bool:
         """The native kernels: not asked off, built here, no AMP unscaling pending, not traced by torch.compile."""
-        from . import native as native_kernel
-
         return (self.native is not False and not group.get("differentiable", False) and not self._unscale_pending()
                 and not torch.compiler.is_compiling() and native_kernel.available())
 

@@ -5,7 +5,8 @@ Weight decay, momentum, dampening, nesterov and maximize then act exactly as in 
 single-tensor, foreach and fused paths and the fused AMP path). Target weights take the first path that applies
 (the PATHS table at the end of the class; base.py's router picks every weight's path before anything changes):
 
-1. `compiled=True` (opt-in): one torch.compile'd kernel per weight (compiled.py), for devices without paths 2-3.
+1. `compiled=True` (opt-in, deprecated: slower than path 3 on CPU, docs/benchmarks.md): one torch.compile'd kernel
+   per weight (compiled.py).
 2. Triton (the default for CUDA weights where triton imports, triton_kernels.py): one multi-tensor launch per step
    over every target weight, M from the per-channel tables, GradScaler's scale and inf flag applied in the kernel.
 3. The native CPU kernel (the default for float32/float64 CPU weights where a C compiler exists, native.py): the
@@ -62,13 +63,18 @@ class RepOptSGD(RepOptMixin, torch.optim.SGD):
             False: never.
         scratch_bytes: size of the per-step buffer that receives M * G block by block on the eager path (0: whole
             tensors).
-        compiled: update each target weight with one torch.compile'd kernel instead (multiply and SGD in one pass;
-            see repopt/optim/compiled.py): for devices without the native kernel; the first steps compile.
+        compiled: deprecated, to be removed: update each target weight with one torch.compile'd kernel instead
+            (multiply and SGD in one pass; repopt/optim/compiled.py). The native kernel (CPU) and the Triton kernels
+            (CUDA) take the same weights, and on CPU it measured slower than the native kernel (docs/benchmarks.md).
         triton: update CUDA target weights with one multi-tensor Triton launch per step (triton_kernels.py; also
             under GradScaler). None (default): where triton imports; True: require it; False: never.
         """
         if scratch_bytes < 0:
             raise ValueError(f"scratch_bytes must be >= 0, got {scratch_bytes}")
+        if compiled:
+            warnings.warn("RepOptSGD(compiled=True) is deprecated and will be removed: the native kernel (CPU) and the "
+                          "Triton kernels (CUDA) update the same weights, faster on CPU (docs/benchmarks.md)",
+                          FutureWarning, stacklevel=2)
         self.scratch_bytes, self.compiled = int(scratch_bytes), bool(compiled)
         self._init_native(native)
         self._init_triton(triton)

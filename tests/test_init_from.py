@@ -194,6 +194,9 @@ def test_init_from_with_num_classes_gives_a_fresh_head():
     assert model.linear.out_features == 4 and report.head == repopt.pretrained.HeadChange("linear", (10, 128),
                                                                                           (4, 128))
     assert model(torch.randn(2, 3, 16, 16)).shape == (2, 4)
+    for bad in (0, True, 2.5):
+        with pytest.raises(repopt.InitError, match="num_classes must be a positive number"):
+            repopt.init_from(model, trained_like(), num_classes=bad)
 
 
 def test_a_bad_key_set_is_one_sentence_and_leaves_the_model_as_it_was(tmp_path, capsys):

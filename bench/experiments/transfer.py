@@ -136,7 +136,8 @@ def table(root: Path, study: Study) -> str:
     lines = [f"{study.net}, pre-trained on classes {study.pretrain_classes} of {study.dataset}, fine-tuned on "
              f"{study.finetune_classes} from {study.subset} images for {study.finetune_epochs} epochs "
              f"({study.image_size}x{study.image_size}, seeds {', '.join(map(str, study.seeds))})", "",
-             "| row | deployed top-1 (%) | vs ft/repopt | INT8 per-channel | INT8 per-tensor |", "|---|---|---|---|---|"]
+             "| row | deployed top-1 (%) | vs ft/repopt | INT8 per-channel | INT8 per-tensor |",
+             "|---|---|---|---|---|"]
     base = column("ft/repopt", "deployed_top1")
     for row in ROWS:
         top1 = column(row, "deployed_top1")

@@ -276,6 +276,9 @@ def init_from(model: nn.Module, source, *, num_classes: int | None = None) -> In
 
 
 def _init_from(model: nn.Module, source, num_classes: int | None) -> InitReport:
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
+                                    or num_classes < 1):
+        raise InitError(f"num_classes must be a positive number of classes, got {num_classes!r}")
     src = _read(source)
     where = src.path or "the state dict"
     head = classifier_name(model)
@@ -292,9 +295,9 @@ def _init_from(model: nn.Module, source, num_classes: int | None) -> InitReport:
         elif len(set(twin_state) & set(state)) > len(set(expected) & set(state)):  # closer to the multi-branch form
             problem = f"as multi-branch weights, {twin_problem}"
         elif _is_multi_branch(model) and _plain_form_fits(model, state, head):
-            raise FusedWeightsError(f"{where} holds plain (fused) weights, and a fused conv cannot be split back into the "
-                            f"branches of this multi-branch model; fine-tune it as a plain model (method plain or "
-                            f"repopt)")
+            raise FusedWeightsError(f"{where} holds plain (fused) weights, and a fused conv cannot be split back into "
+                                    f"the branches of this multi-branch model; fine-tune it as a plain model (method "
+                                    f"plain or repopt)")
     if problem:
         arch, ours = (src.config or {}).get("arch"), getattr(model, "arch", None)
         if arch and ours and arch != ours:

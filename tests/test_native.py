@@ -41,7 +41,8 @@ def _branch_set(out_c, in_c, k, groups, branches, seed):
 
 
 # (out, in, kernel, groups, branches): the identity on plain, grouped and depthwise convs; rows longer than the
-# kernel's on-stack period (64 * 25 taps); 1x1 and 7x7 kernels; a kernel without a centre-sized branch
+# kernel's on-stack period (64 * 25 taps); 1x1 and 7x7 kernels; a kernel without a centre-sized branch; a kernel
+# longer than the period a row aims at and than the adaptive kernel's segment (17x17 = 289 taps)
 SHAPES = [
     (8, 8, 3, 1, ("3x3", "1x1", "identity")),
     (12, 12, 3, 3, ("3x3", "1x1", "identity")),
@@ -50,6 +51,7 @@ SHAPES = [
     (70, 70, 5, 1, ("5x5", "1x1", "identity")),
     (9, 7, 1, 1, ("1x1", "1x1_2")),
     (5, 3, 7, 1, ("7x7", "1x3", "3x1")),
+    (6, 6, 17, 1, ("17x17", "3x3", "identity")),
 ]
 FLAGS = [
     dict(momentum=0.9, nesterov=True, weight_decay=1e-3),

@@ -26,6 +26,10 @@
 #include "common.h"
 
 #define MAX_PERIOD 1024 /* the longest repeated multiplier a row builds on the stack (and the most taps a kernel has) */
+/* The length a row's repeated multiplier aims at (whole kernels of taps, at least one): long enough for the inner loop
+ * to run on full vectors, short enough that building it again for every row costs little next to the row (a 3x3
+ * kernel over 2^k channels: 16 channels, 144 elements; at 1024 it was 576 and the step slower, docs/benchmarks.md) */
+#define PERIOD 256
 
 typedef struct {
     void *p, *g, *buf;     /* buf is NULL when momentum == 0 */
@@ -97,8 +101,9 @@ INLINE void diag_##S(T *restrict p, const T *restrict g, T *restrict b, T m, T i
  * the inner loop is long, and the period that holds the diagonal is cut around it */                             \
 CLONES static void row_##S(const repopt_job *j, int64_t row, const repopt_hyper *h, int64_t diag, T sign) {        \
     T m[MAX_PERIOD];                                                                                               \
-    int64_t taps = j->taps, channels = j->row_len / taps, r = MAX_PERIOD / taps, off = row * j->row_len;           \
+    int64_t taps = j->taps, channels = j->row_len / taps, r = PERIOD / taps, off = row * j->row_len;               \
     int first = (int)j->first;                                                                                     \
+    if (r < 1) r = 1;                                                                                              \
     if (r > channels) r = channels;                                                                                \
     while (channels % r) --r;                                                                                      \
     int64_t period = r * taps;                                                                                     \

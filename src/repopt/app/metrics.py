@@ -83,3 +83,41 @@ def plot_curves(runs: dict[str, Path], path: Path, quiet: bool = False) -> Path 
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
     plt.close(fig)
     return Path(path)
+
+
+def plot_scales_trajectory(records: list[dict], path: Path, title: str = "") -> Path:
+    """The hyper-search's scales per epoch (repopt/search_trajectory.py records): left, how far all scales moved each
+    epoch and how far they are from their initial values; right, each conv's mean scale per branch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_move, ax_mean) = plt.subplots(1, 2, figsize=(11, 4))
+    moved = [r for r in records if r.get("moved")]  # None (epoch 0) and 0 have no place on the log axis
+    ax_move.plot([r["epoch"] for r in moved], [r["moved"] for r in moved], marker=".", label="moved this epoch")
+    initial = [r for r in records if r.get("from_initial")]
+    ax_move.plot([r["epoch"] for r in initial], [r["from_initial"] for r in initial], marker=".",
+                 label="from the initial values")
+    ax_move.set(xlabel="epoch", ylabel="relative change of all scales", title="how much the scales move")
+    if moved or initial:
+        ax_move.set_yscale("log")
+    colors: dict[str, str] = {}  # one colour per branch, labelled once
+    for name, branches in (records[0]["layers"] if records else {}).items():
+        for branch in branches:
+            label = None if branch in colors else branch
+            color = colors.setdefault(branch, f"C{len(colors)}")
+            points = [(r["epoch"], r["layers"][name][branch]["mean"]) for r in records
+                      if branch in r["layers"].get(name, {})]
+            ax_mean.plot(*zip(*points), color=color, lw=0.8, alpha=0.7, label=label)
+    ax_mean.set(xlabel="epoch", ylabel="mean scale (one line per conv)", title="per conv and branch")
+    for ax in (ax_move, ax_mean):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize="small")
+    if title:
+        fig.suptitle(title, fontsize="medium")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110))
+    plt.close(fig)
+    return Path(path)
+

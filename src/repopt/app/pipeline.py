@@ -105,7 +105,8 @@ def run_pipeline(base: TrainConfig, hs_epochs: int, methods=METHODS, int8: bool 
         rows.append(row)
     report = {"dataset": base.dataset, "arch": base.arch, "epochs": base.epochs, "hs_epochs": hs_epochs,
               "seed": base.seed, "batch_size": base.batch_size, "optimizer": base.optimizer,
-              "hs_top1": hs_result["top1"], "scales": str(scales), "train_subset": base.train_subset,
+              "hs_top1": hs_result["top1"], "hs_settling": hs_result.get("scales_settling"), "scales": str(scales),
+              "train_subset": base.train_subset,
               "image_size": result.get("image_size"), "results": rows, "skipped_methods": skipped,
               "init_from": base.init_from}
     if int8 and any("int8_top1" in r for r in rows):
@@ -143,5 +144,12 @@ def report_markdown(report: dict) -> str:
         lines += ["", f"No hyper-search: the repopt row used the scales {report['scales']}.", ""]
     else:
         lines += ["", "The hyper-search model's own accuracy is not a quality signal "
-                  f"(HS top-1 here: {report['hs_top1']:.2f}%).", ""]
+                  f"(HS top-1 here: {report['hs_top1']:.2f}%)."]
+        if report.get("hs_settling"):  # the search judged its own convergence (repopt/search_trajectory.py)
+            from ..search_trajectory import describe_settling
+
+            settling = report["hs_settling"]
+            lines += ["", f"Hyper-search: {describe_settling(settling)}."]
+            lines += [f"Warning: {settling['warning']}."] if settling.get("warning") else []
+        lines += [""]
     return "\n".join(lines)

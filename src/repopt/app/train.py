@@ -7,6 +7,7 @@ each rank trains its slice of the same global batch (DDP; gloo on CPU, nccl on C
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._io import check_writable, write_json
+from ..search_trajectory import ScalesTrajectory, describe_settling, read_trajectory, settling
 from . import distributed as dist
 from .checkpoint import CHECKPOINT, MODEL, RESULT, SCALES, CheckpointError, load_run_checkpoint, mode_of, \
     save_checkpoint, save_model
@@ -396,6 +398,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         net = dist.wrap(model, device)
         kernels = build_before_clock(optimizer)  # a first build must not count as RepOpt's training time
         log = MetricsLog(out / "metrics.jsonl", enabled=rank == 0, keep_epochs=start_epoch)
+        trajectory = ScalesTrajectory(out, model, start_epoch, enabled=rank == 0) if cfg.method == "hs" else None
 
         show = rank == 0 and not cfg.quiet and dist.is_tty()
         if rank == 0 and not cfg.quiet:
@@ -459,6 +462,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                        "train_loss": loss_sum / max(seen, 1), "train_top1": 100.0 * correct / max(seen, 1),
                        "test_loss": test_loss, "test_top1": top1, "epoch_seconds": epoch_seconds,
                        "images_per_s": seen * world / epoch_seconds, "skipped_steps": skipped})
+            if trajectory is not None:  # the search judges its own convergence (repopt/search_trajectory.py)
+                trajectory.record(epoch + 1, model)
             if rank == 0:
                 payload = {"config": asdict(cfg), "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                            "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(),
@@ -514,6 +519,11 @@ def _finish(cfg, model, ds, device, out: Path, train_seconds, skipped, steps_per
             scales.metadata.update({"arch": cfg.arch, "dataset": cfg.dataset, "hs_epochs": str(cfg.epochs)})
             save_scales(scales, out / SCALES)
             result["scales"] = str(out / SCALES)
+            result["scales_settling"] = settling(read_trajectory(out))
+            if not cfg.quiet:
+                print(f"[hs] {describe_settling(result['scales_settling'])}", flush=True)
+            if result["scales_settling"]["warning"]:
+                print(f"[hs] warning: {result['scales_settling']['warning']}", file=sys.stderr, flush=True)
         write_json(out / RESULT, result)  # the run's "finished" marker: never half-written
         from .metrics import plot_curves
 

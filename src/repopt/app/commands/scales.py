@@ -15,6 +15,7 @@ EXAMPLES = """examples:
   repopt scales import RepOpt-VGG-B1-scales.pth -o b1-timm.safetensors --for timm:repvgg_b1   # timm's names
   repopt scales show b1.safetensors                # per-stage mean/std/min/max of each branch, negatives
   repopt scales show b1.safetensors --json --plot b1.png
+  repopt scales show runs/search --trajectory --plot trajectory.png   # per epoch: moved, settled or not
   repopt scales diff b1.safetensors searched.safetensors   # exit code 0 if equal, 1 if they differ
 """
 
@@ -33,6 +34,10 @@ def add_arguments(p) -> None:
     show.add_argument("--json", action="store_true", help="print JSON")
     show.add_argument("--layers", action="store_true", help="one row per conv instead of per stage")
     show.add_argument("--plot", metavar="PNG", help="also draw the per-conv scales into this image (matplotlib)")
+    show.add_argument("--trajectory", action="store_true",
+                      help="the search's trajectory instead (FILE: a search's run directory or its scales file, "
+                           "with scales_trajectory.jsonl beside it): how much the scales moved per epoch and "
+                           "whether they settled; --plot draws it")
     diff = sub.add_parser("diff", help="compare two scales files layer by layer")
     diff.add_argument("a")
     diff.add_argument("b")
@@ -150,6 +155,9 @@ def summarize(scales, per_layer: bool = False) -> list[dict]:
 def _show(args) -> int:
     from ...scales import load_scales
 
+    if args.trajectory:
+        return _show_trajectory(args)
+
     scales = load_scales(args.file)
     rows = summarize(scales, per_layer=args.layers)
     totals = {}
@@ -174,6 +182,50 @@ def _show(args) -> int:
     if args.plot:
         print(f"wrote {args.plot}")
     return 0
+
+
+def _show_trajectory(args) -> int:
+    from ..cli import UserError
+    from ...search_trajectory import TRAJECTORY, describe_settling, read_trajectory, settling
+
+    run = Path(args.file) if Path(args.file).is_dir() else Path(args.file).parent
+    try:
+        records = read_trajectory(run)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if not records:
+        raise UserError(f"{run / TRAJECTORY} does not exist: only a search (repopt search, or the one before "
+                        f"train/pipeline) records the scales' trajectory")
+    report = settling(records)
+    if args.plot:
+        _matplotlib_or_refuse()
+        from ..metrics import plot_scales_trajectory
+
+        plot_scales_trajectory(records, Path(args.plot), title=str(run))
+    if args.json:
+        print(json.dumps({"run": str(run), "settling": report, "epochs": [
+            {k: r[k] for k in ("epoch", "moved", "from_initial")} for r in records]}, indent=2))
+        return 0
+    print(f"{run}: {describe_settling(report)}")
+    print(f"{'epoch':>5s} {'moved':>10s} {'from initial':>12s}")
+    for r in records:
+        moved = "-" if r["moved"] is None else f"{r['moved']:.4%}"
+        initial = "-" if r["from_initial"] is None else f"{r['from_initial']:.4%}"
+        print(f"{r['epoch']:5d} {moved:>10s} {initial:>12s}")
+    if report.get("warning"):
+        print(f"warning: {report['warning']}")
+    if args.plot:
+        print(f"wrote {args.plot}")
+    return 0
+
+
+def _matplotlib_or_refuse() -> None:
+    from ..cli import UserError
+
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError("--plot needs matplotlib, which is not installed (pip install matplotlib)") from None
 
 
 def _plot(scales, path: str, title: str) -> None:

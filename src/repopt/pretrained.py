@@ -285,6 +285,11 @@ def _init_from(model: nn.Module, source, num_classes: int | None) -> InitReport:
     expected = model.state_dict()
     state, fused = src.state, ()
     problem = _mismatch(expected, state, head)
+    renamed = _timm_names(model, state) if problem else None
+    if renamed is not None:  # RepOpt-VGG's (the reference's) names for timm's RepVGG: the same net, block for block
+        state = renamed
+        src.notes.append("RepOpt-VGG names renamed to timm's")
+        problem = _mismatch(expected, state, head)
     if problem:
         twin = _multi_branch_twin(model, _head_rows(state, head, 1))
         twin_state = twin.state_dict() if twin is not None else {}
@@ -313,6 +318,16 @@ def _init_from(model: nn.Module, source, num_classes: int | None) -> InitReport:
     if num_classes is not None:
         change = _resize_head(model, head, num_classes, change)
     return InitReport(src.kind, src.path, len(state), change, fused, tuple(src.notes))
+
+
+def _timm_names(model: nn.Module, state: Mapping[str, Tensor]) -> dict[str, Tensor] | None:
+    """`state` on timm's RepVGG names when `model` is a timm RepVGG and every key is a RepOpt-VGG name, else None."""
+    from .integrations import timm as timm_models
+
+    if not timm_models.is_timm_arch(getattr(model, "arch", None)) or not model.arch.startswith("timm:repvgg"):
+        return None
+    renamed = {timm_models.repvgg_name(k): v for k, v in state.items()}
+    return None if None in renamed else renamed
 
 
 def _plain_form_fits(model: nn.Module, state: Mapping[str, Tensor], head: str | None) -> bool:

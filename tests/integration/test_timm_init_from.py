@@ -64,6 +64,28 @@ def test_the_multi_branch_baseline_loads_timms_weights_unfused(tmp_path):
     assert report.fused == () and all(torch.equal(baseline.state_dict()[k], v) for k, v in multi.state_dict().items())
 
 
+@pytest.mark.parametrize("mode", ["target", "repvgg"])
+def test_a_reference_repopt_vgg_checkpoint_loads_into_timms_repvgg(mode, tmp_path):
+    """The reference's (and repopt's) RepOpt-VGG names, renamed to timm's byobnet RepVGG names: the same net block for
+    block, so timm:repvgg_a0 computes what repopt_vgg_a0 computed (its plain form, or its RepVGG form fused)."""
+    from repopt.models import create as create_repopt
+
+    torch.manual_seed(0)
+    source = create_repopt("repopt_vgg_a0", mode=mode, num_classes=10).train()
+    with torch.no_grad():
+        for _ in range(3):
+            source(torch.randn(8, 3, 32, 32))
+    path = tmp_path / "RepOpt-VGG-A0.pth"
+    torch.save({"model": {f"module.{k}": v for k, v in source.state_dict().items()}}, path)
+    plain = create("timm:repvgg_a0", mode="target", num_classes=10)
+    report = repopt.init_from(plain, path)
+    assert "RepOpt-VGG names renamed to timm's" in report.notes and len(report.fused) == (22 if mode == "repvgg" else 0)
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        got, want = plain.eval()(x), source.eval()(x)
+    assert (got - want).abs().max() <= 1e-5 * want.abs().max()
+
+
 def test_cli_fine_tunes_a_timm_model_from_timms_weights(tmp_path, capsys):
     from repopt.app.cli import main
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from .errors import DataError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
+STATISTICS_CHUNK_VALUES = 1 << 22  # pixel values per chunk of the mean/std pass (32 MiB as float64)
 
 
 def _epoch_seed(seed: int, epoch: int) -> int:
@@ -99,10 +100,13 @@ class Dataset:
     def _train_statistics(self) -> tuple[tuple[float, ...], tuple[float, ...]]:
         total = torch.zeros(3, dtype=torch.float64)
         total_sq = torch.zeros(3, dtype=torch.float64)
-        for chunk in self.train_images.split(1024):
-            x = self._resize(chunk.float()).double() / 255
+        # chunks of at most STATISTICS_CHUNK_VALUES values, one float64 copy each (squared in place): 1024 images
+        # of 128 px at a time took four float copies of 0.2-0.4 GB each, more than the whole uint8 set of 10,000
+        per_chunk = max(1, STATISTICS_CHUNK_VALUES // (3 * max(self.stored_size, self.image_size) ** 2))
+        for chunk in self.train_images.split(per_chunk):
+            x = self._resize(chunk.float()).double().div_(255)
             total += x.sum((0, 2, 3))
-            total_sq += (x * x).sum((0, 2, 3))
+            total_sq += x.square_().sum((0, 2, 3))
         count = self.num_train * self.image_size ** 2
         mean = total / count
         std = (total_sq / count - mean * mean).clamp_min(0).sqrt().clamp_min(1 / 255)  # a flat channel stays finite

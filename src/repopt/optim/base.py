@@ -63,9 +63,9 @@ def _by_device_and_dtype(targets: list) -> list[list[int]]:
     """The indices of `targets` (tuples led by the weight) per device and dtype, by torch's optimizers' own grouping.
     While torch.compile traces, that grouping is left to inductor; then each weight is a batch of its own (a batch
     shares one scratch buffer, one dtype)."""
-    groups = Optimizer._group_tensors_by_device_and_dtype([[t[0] for t in targets]], with_indices=True)
     if torch.compiler.is_compiling():
         return [[i] for i in range(len(targets))]
+    groups = Optimizer._group_tensors_by_device_and_dtype([[t[0] for t in targets]], with_indices=True)
     return [indices for _, indices in groups.values()]
 
 

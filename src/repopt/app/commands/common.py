@@ -70,7 +70,8 @@ def add_training_arguments(p, out_default: str, hs_epochs: bool = True, defaults
 
 
 def config_from_args(args, method: str, out: str, epochs: int | None = None, **overrides) -> TrainConfig:
-    """The run's TrainConfig: the --recipe preset (if any), then every flag given explicitly, then BUILTIN.
+    """The run's TrainConfig: the --recipe preset (if any), then every flag given explicitly, then the command's
+    own defaults (`defaults=` of add_training_arguments), then TrainConfig's.
     `method` is the command's own (explicit unless the command has a --method flag, whose value is then explicit
     only when given); `overrides` are explicit unless None."""
     from ..recipes import merge_preset

@@ -32,14 +32,17 @@ def kernel_alone(opt):
     """native.sgd_step on opt's target weights, bound as opt's own native path binds them (not a first step)."""
     group = opt.param_groups[0]
     jobs, tensors = [], []
-    for p, mult in zip(group["params"], opt.branch_sets):
+    for i, p in enumerate(group["params"]):
         cached = opt._native_jobs.get(p)
-        if mult is None or cached is None or cached[1] is None:
+        if opt.multiplier_of(0, i) is None or cached is None or cached[1] is None:
             continue
         job, table = cached[1]
         buf = opt.state[p]["momentum_buffer"]
         jobs.append(native.bind(job, p, p.grad, buf, False))
         tensors += [p, p.grad, buf, table]
+    if len(jobs) != opt.last_step_paths["native"]:
+        raise SystemExit(f"the first parameter group holds {len(jobs)} of the {opt.last_step_paths['native']} native "
+                         f"target weights; 'kernel alone' would time only those")
     return lambda: native.sgd_step(jobs, group, p.dtype, tensors)
 
 

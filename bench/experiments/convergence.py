@@ -21,20 +21,18 @@ figures): 16x16 images and a 5,000-image class-balanced subset make the 45-epoch
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from fmnist import Job, run  # noqa: E402
-
-from repopt._io import write_text  # noqa: E402
+from recorded import Recorded  # noqa: E402
 
 @dataclass(frozen=True)
-class Study:
+class Study(Recorded):
     """What the sweep runs; saved as ROOT/study.json so that the tables read the study the runs belong to."""
     nets: tuple[str, ...] = ("repopt_vgg_l0", "repopt_vgg_a0")  # 48 and 22 layers: the question is about depth
     lengths: tuple[int, ...] = (30, 10, 5)  # epochs; longest first: it decides whether the methods converge
@@ -65,22 +63,6 @@ class Study:
         if self.data_dir:
             out += ["--data-dir", self.data_dir]
         return out + (["--train-subset", str(self.train_subset)] if self.train_subset else [])
-
-    def save(self, root: Path) -> None:
-        """Record the study under ROOT; a ROOT that holds another study's runs is refused, not mixed."""
-        path, mine = root / "study.json", json.dumps(asdict(self), indent=1)
-        if path.is_file() and Study.load(root) != self:
-            raise SystemExit(f"{path} records another study ({path.read_text().strip()}); use another --root")
-        root.mkdir(parents=True, exist_ok=True)
-        write_text(path, mine)
-
-    @classmethod
-    def load(cls, root: Path) -> "Study":
-        path = root / "study.json"
-        if not path.is_file():
-            return cls()
-        d = json.loads(path.read_text())
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 DEFAULT = Study()

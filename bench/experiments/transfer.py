@@ -29,19 +29,19 @@ import argparse
 import json
 import shlex
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 from fmnist import Job, run  # noqa: E402
+from recorded import Recorded  # noqa: E402
 from stats import mean_se, paired, paired_cell  # noqa: E402
 
-from repopt._io import write_text  # noqa: E402
 
 
 @dataclass(frozen=True)
-class Study:
+class Study(Recorded):
     """What the experiment runs; saved as ROOT/study.json so that the table reads the study the runs belong to."""
     net: str = "repopt_vgg_a0"              # 22 layers: section 1's middle net, where plain SGD lags
     seeds: tuple[int, ...] = (0, 1, 2)
@@ -65,21 +65,6 @@ class Study:
         e = self.finetune_epochs
         return [*self.args(self.finetune_classes), "--train-subset", str(self.subset), "--epochs", str(e),
                 "--eval-every", str(max(1, e // 16))]
-
-    def save(self, root: Path) -> None:
-        path, mine = root / "study.json", json.dumps(asdict(self), indent=1)
-        if path.is_file() and Study.load(root) != self:
-            raise SystemExit(f"{path} records another study ({path.read_text().strip()}); use another --root")
-        root.mkdir(parents=True, exist_ok=True)
-        write_text(path, mine)
-
-    @classmethod
-    def load(cls, root: Path) -> "Study":
-        path = root / "study.json"
-        if not path.is_file():
-            return cls()
-        d = json.loads(path.read_text())
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 DEFAULT = Study()

@@ -64,7 +64,8 @@ def draw(root: Path, out: Path) -> None:
                     title=f"{net}: {st.longest}-epoch schedule")
         for ax in row:
             ax.grid(alpha=0.3)
-            ax.legend()
+            if ax.get_legend_handles_labels()[0]:  # a panel whose runs are not done yet has nothing to name
+                ax.legend()
         for ax in (by_images, by_time):
             ax.set_ylim(bottom=max(0.0, ax.get_ylim()[0]))
     fig.tight_layout()

@@ -11,7 +11,8 @@ launcher passes (enable_fp_fusion=False) and the wheel's ptxas; TRITON_INTERPRET
 
 Checks and figures, per kernel and arch:
   - the PTX holds no float add/sub/mul without an explicit rounding modifier (ptxas may contract those into FMAs,
-    and then the GPU's bits differ from the C kernels'), no mad, and no approximate division or square root;
+    and then the GPU's bits differ from the C kernels'), no mad, no approximate division or square root, and no
+    integer division or remainder (the index arithmetic multiplies by per-weight constants instead);
   - registers, local memory (spills) and stack, from `cuobjdump -res-usage` on the cubin;
   - instructions per element from the SASS (`nvdisasm -gi`): each instruction is attributed to its source line in
     triton_jit.py, and a configuration runs the instructions outside its flags' branches that are off (sgd: plain,
@@ -34,8 +35,6 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-os.environ.pop("TRITON_INTERPRET", None)  # before triton is imported: compile for the GPU, do not interpret
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
@@ -50,15 +49,17 @@ SIZES = ([4096], [4095], [2 ** 31])
 FLOAT = r"(?:f16|f16x2|bf16|bf16x2|f32|f64)"
 CONTRACTIBLE = re.compile(rf"^\s*(?:@!?%p\d+\s+)?((add|sub|mul|mad)((?:\.\w+)*)\.{FLOAT})\s", re.M)
 APPROX = re.compile(r"^\s*(?:@!?%p\d+\s+)?((?:div|sqrt|rcp|rsqrt)\.(?:approx|full)\.\S+)", re.M)
+INTEGER_DIVISION = re.compile(r"^\s*(?:@!?%p\d+\s+)?((?:div|rem)\.[su](?:16|32|64))\s", re.M)
 ROUNDING = {".rn", ".rz", ".rm", ".rp"}
-# the named paths a configuration takes through the run-time flags (source text of the `if` tests in triton_jit.py)
+# the named paths a configuration takes through the run-time flags (source text of the `if` tests in triton_jit.py);
+# "scale": GradScaler's, a power of two
 PATHS = {
     "sgd": {"plain": {}, "momentum": {"mom != 0": True},
             "nesterov+wd": {"mom != 0": True, "wd != 0": True, "tl.load(hyper_ptr + 4) != 0": True},
             "nesterov+wd+scale": {"mom != 0": True, "wd != 0": True, "tl.load(hyper_ptr + 4) != 0": True,
-                                  "scale != 1": True}},
+                                  "scale != 1": True, "power_of_two": True}},
     "adamw": {"default": {}, "amsgrad": {"tl.load(hyper_ptr + 7) != 0": True},
-              "amsgrad+scale": {"tl.load(hyper_ptr + 7) != 0": True, "scale != 1": True}},
+              "amsgrad+scale": {"tl.load(hyper_ptr + 7) != 0": True, "scale != 1": True, "power_of_two": True}},
     "lion": {"wd": {"tl.load(hyper_ptr + 6) != 0": True}, "wd+maximize": {"tl.load(hyper_ptr + 6) != 0": True,
                                                                           "tl.load(hyper_ptr + 7) != 0": True}},
 }
@@ -95,14 +96,17 @@ def variants() -> tuple[dict, int]:
 
 
 def ptx_problems(ptx: str) -> list[str]:
-    """One line per distinct float operation of the PTX that ptxas may contract (add/sub/mul without a rounding
-    modifier, mad) or that is not correctly rounded (approximate division, sqrt, reciprocal)."""
+    """One line per distinct operation of the PTX that ptxas may contract (float add/sub/mul without a rounding
+    modifier, mad), that is not correctly rounded (approximate division, sqrt, reciprocal), or that divides integers
+    (a routine of ~180 instructions for 64-bit operands)."""
     found = {}
     for m in CONTRACTIBLE.finditer(ptx):
         if m.group(2) == "mad" or not ROUNDING & set(re.findall(r"\.\w+", m.group(3) or "")):
             found.setdefault(f"contractible float operation in the PTX: {m.group(1)}", 0)
     for m in APPROX.finditer(ptx):
         found.setdefault(f"approximate operation in the PTX: {m.group(1)}", 0)
+    for m in INTEGER_DIVISION.finditer(ptx):  # the index arithmetic divides by multiply-high (triton_kernels.magic)
+        found.setdefault(f"integer division in the PTX: {m.group(1)}", 0)
     return list(found)
 
 
@@ -131,7 +135,7 @@ def _signature(kind: str, dtype: torch.dtype, variant: dict) -> tuple:
 
 
 def compile_one(job: tuple) -> dict:
-    kind, dtype, variant, arch, workdir = job
+    kind, dtype, variant, arch, workdir, _ = job
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -234,6 +238,98 @@ def path_counts(kind: str, sass: str, variant: dict) -> dict:
     return out
 
 
+# ---- choosing (BLOCK, num_warps) -------------------------------------------------------------------------------------
+LOADS = {"sgd": 3, "adamw": 4, "lion": 3}  # weight-sized tensors a kernel reads per element (p, g, state)
+WORST = {"sgd": "nesterov+wd", "adamw": "amsgrad", "lion": "wd+maximize"}
+# Little's law: an H200 at 4.8 TB/s with ~0.7 us of memory latency needs ~3.4 MB in flight, ~25 KB per SM (132)
+IN_FLIGHT_NEEDED = 25e3
+
+
+def resident_warps(registers: int, warps: int) -> int:
+    """Warps of this kernel an SM holds (sm_80/sm_90: 64K registers, 64 warps, 32 blocks; registers are allocated
+    per warp in units of 256)."""
+    per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    blocks = min(65536 // (per_warp * warps), 64 // warps, 32)
+    return blocks * warps
+
+
+def choose(results: list[dict]) -> dict:
+    """Per (kind, dtype): the sweep's configurations with their occupancy and bytes in flight, and the one the rule
+    picks. Eligible: no spills, at least 16 resident warps per SM (4 per scheduler, to issue while others wait on a
+    dependent operation) and the bytes in flight Little's law asks for; then the fewest instructions per element on
+    the heaviest path (AdamW: with three branches), and among those within 2% of it the fewest registers, then the
+    largest BLOCK (fewer programs)."""
+    table: dict = {}
+    for r in results:
+        if "paths" not in r:
+            continue
+        fixed, per_branch = r["paths"][WORST[r["kind"]]]
+        per_thread = r["block"] // (32 * r["warps"])
+        warps = resident_warps(r["reg"], r["warps"])
+        item = torch.empty((), dtype=getattr(torch, r["dtype"])).element_size()
+        in_flight = warps * 32 * per_thread * LOADS[r["kind"]] * item
+        ok = not r["local"] and warps >= 16 and in_flight >= IN_FLIGHT_NEEDED
+        table.setdefault((r["kind"], r["dtype"]), []).append(
+            dict(block=r["block"], warps=r["warps"], reg=r["reg"], local=r["local"], resident=warps,
+                 in_flight=in_flight, per_element=fixed + 3 * per_branch, ok=ok))
+    for rows in table.values():
+        eligible = [row for row in rows if row["ok"]]
+        fewest = min((row["per_element"] for row in eligible), default=None)
+        near = [row for row in eligible if row["per_element"] <= 1.02 * fewest]
+        best = min(near, key=lambda row: (row["reg"], -row["block"]), default=None)
+        for row in rows:
+            row["chosen"] = row is best
+    return table
+
+
+# ---- the static performance model (a model: no GPU ran it) -------------------------------------------------------
+BANDWIDTH = 4.8e12  # H200 HBM3e, bytes/s
+ISSUE = 132 * 4 * 32 * 1.98e9  # SMs x schedulers x lanes x boost clock: lane-instructions/s (~33.4 T)
+# bytes per float32 weight moved by a step: sgd with momentum reads p, g, buf and writes p, buf; adamw reads p, g, m,
+# v and writes p, m, v; lion reads p, g, m and writes p, m (torch's fused SGD/AdamW move the same per weight)
+BYTES = {"sgd": 20, "adamw": 28, "lion": 20}
+MODEL_PATH = {"sgd": "momentum", "adamw": "default", "lion": "wd"}
+
+
+def model(results: list[dict], arch: str = "repopt_vgg_b1") -> list[str]:
+    """Lines of the model: per kernel (float32, sm_90, the path a plain run takes) bytes and instructions per element,
+    the instruction count at which the kernel stops being memory-bound, and the step time predicted for `arch`
+    against torch's fused optimizer moving the same bytes for every parameter."""
+    from repopt import models
+
+    with torch.device("meta"):
+        net = models.create(arch)
+    targets = [net.get_submodule(name).weight for name in net.target_conv_names()]
+    n_target = sum(w.numel() for w in targets)
+    n_all = sum(p.numel() for p in net.parameters())
+    nb = 2  # RepOpt-VGG's conv branches per target (3x3, 1x1; the identity is the diagonal term)
+    lines = [f"model (no GPU ran this): H200 {BANDWIDTH / 1e12:.1f} TB/s, issue 132 SMs x 4 schedulers x 32 lanes x "
+             f"1.98 GHz = {ISSUE / 1e12:.1f} T lane-instructions/s; {arch}: {n_all / 1e6:.2f} M parameters, "
+             f"{n_target / 1e6:.2f} M in {len(targets)} target convs"]
+    for kind in KINDS:
+        r = next((r for r in results if r["kind"] == kind and r["dtype"] == "float32" and r["arch"] == 90
+                  and not r["index64"] and r["vec"] == 4 and "paths" in r), None)
+        if r is None:
+            continue
+        fixed, per_branch = r["paths"][MODEL_PATH[kind]]
+        per_element = fixed + nb * per_branch
+        # plus what the launch reads once per step: tap tables (AdamW: one per branch), the per-row diagonal
+        # columns, the block table and the metadata
+        block = triton_kernels.CONFIG[(kind, torch.float32)][0]
+        tables = sum(w.shape[0] * (4 * w.shape[2] * w.shape[3] * (nb if kind == "adamw" else 1) + 4)
+                     + 16 * -(-w.numel() // block) + 8 * triton_kernels.NMETA for w in targets)
+        memory = (BYTES[kind] * n_target + tables) / BANDWIDTH
+        issue = per_element * n_target / ISSUE
+        others = BYTES[kind] * (n_all - n_target) / BANDWIDTH  # the weights without multipliers: torch's fused step
+        fused = BYTES[kind] * n_all / BANDWIDTH
+        step = max(memory, issue) + others
+        lines.append(f"  {kind:5} float32 ({MODEL_PATH[kind]}): {BYTES[kind]} B and {per_element:.1f} instructions per "
+                     f"element (memory-bound below {ISSUE * BYTES[kind] / BANDWIDTH:.0f}); target convs: memory "
+                     f"{memory * 1e6:.0f} us, issue {issue * 1e6:.0f} us; step {step * 1e6:.0f} us vs torch fused "
+                     f"{fused * 1e6:.0f} us moving the same bytes: {step / fused:.3f}x (launch overheads not modelled)")
+    return lines
+
+
 # ---- the run -------------------------------------------------------------------------------------------------------
 def _row(r: dict) -> str:
     paths = r.get("paths")
@@ -252,6 +348,12 @@ def main(argv=None) -> int:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--sweep", action="store_true", help="also compile other (BLOCK, num_warps) for the table")
     args = ap.parse_args(argv)
+    # before triton is imported (here and in the workers this process forks): compile for the GPU, do not interpret;
+    # importing this module (as a test does) leaves the environment alone
+    os.environ.pop("TRITON_INTERPRET", None)
+    if "triton" in sys.modules:
+        raise SystemExit("triton_compile_check: run it as a script: triton was imported before TRITON_INTERPRET "
+                         "could be removed")
     archs = [int(a) for a in args.arch.split(",")]
     start = time.perf_counter()
     found, configurations = variants()
@@ -259,21 +361,23 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="repopt-triton-check-") as workdir:
         os.environ["TRITON_CACHE_DIR"] = str(Path(workdir) / "cache")  # a fresh cache: every variant really compiles
         for (kind, dtype, variant), arch in itertools.product(found.values(), archs):
-            jobs.append((kind, dtype, variant, arch, workdir))
+            jobs.append((kind, dtype, variant, arch, workdir, "check"))
         if args.sweep:
-            for kind, dtype, (block, warps) in itertools.product(KINDS, (torch.float32, torch.float64),
+            for kind, dtype, (block, warps) in itertools.product(KINDS, DTYPES,
                                                                  itertools.product((512, 1024, 2048), (2, 4, 8))):
                 variant = {**triton_kernels._variant(kind, dtype, [4096]), "BLOCK": block, "num_warps": warps}
-                jobs.append((kind, dtype, variant, 90, workdir))
+                jobs.append((kind, dtype, variant, 90, workdir, "sweep"))
         print(f"{configurations} launch configurations (optimizer x flags x dtype x size) -> {len(found)} compiled "
               f"variants (the flags are run-time values) x sm_{', sm_'.join(map(str, archs))}: {len(jobs)} compiles "
               f"on {args.jobs} processes")
         # the control: Triton's other default (fp fusion on) must fail the PTX check, or the check proves nothing
         kind, dtype, variant = "sgd", torch.float32, triton_kernels._variant("sgd", torch.float32, [4096])
-        jobs.append((kind, dtype, {**variant, "enable_fp_fusion": True}, archs[-1], workdir))
+        jobs.append((kind, dtype, {**variant, "enable_fp_fusion": True}, archs[-1], workdir, "control"))
         with ProcessPoolExecutor(args.jobs) as pool:
             results = list(pool.map(compile_one, jobs))
         control = results.pop()
+        swept = [r for r, job in zip(results, jobs) if job[5] == "sweep"]
+        results = [r for r, job in zip(results, jobs) if job[5] != "sweep"]
     failures = [(r, e) for r in results for e in r["errors"]]
     seen = set()
     for r in sorted(results, key=lambda r: (r["kind"], r["dtype"], r["arch"], r["index64"], r["vec"], r["block"],
@@ -288,8 +392,21 @@ def main(argv=None) -> int:
     if not control["errors"]:
         failures.append((control, "the PTX check found nothing in code compiled with fp fusion on"))
     print(f"float operations in the PTX: {' '.join(ops)}")
+    if args.sweep:
+        print("sweep (sm_90, heaviest path; AdamW with 3 branches): BLOCK warps: registers, spills, resident warps "
+              "per SM, bytes of loads in flight per SM, instructions per element (* the rule's choice; CONFIG holds "
+              "it)")
+        for (kind, dtype), rows in sorted(choose(swept).items()):
+            current = triton_kernels.CONFIG[(kind, getattr(torch, dtype))]
+            for row in sorted(rows, key=lambda row: (row["block"], row["warps"])):
+                print(f"  {kind:5} {dtype:8} {row['block']:4} {row['warps']}: {row['reg']:3} reg, {row['local']} B "
+                      f"local, {row['resident']:2} warps, {row['in_flight'] / 1e3:5.1f} KB, {row['per_element']:6.1f}"
+                      f"{' *' if row['chosen'] else ''}"
+                      f"{' (CONFIG)' if (row['block'], row['warps']) == current else ''}")
     for r, e in failures:
         print(f"FAIL {r['kind']} {r['dtype']} sm_{r['arch']} index64={r['index64']} vec={r['vec']}: {e}")
+    for line in model(results):
+        print(line)
     print(f"{len(results) + 1} compiles ({sum(r.get('seconds', 0) for r in results):.0f} s of compiling), "
           f"{len(failures)} failures, {time.perf_counter() - start:.0f} s in all")
     return 1 if failures else 0

@@ -1,9 +1,11 @@
 """The multi-tensor Triton kernels (repopt/optim/triton_kernels.py), run here on CPU tensors by Triton's interpreter
 (TRITON_INTERPRET=1, set by conftest.py; on a GPU they compile): taken when asked, equal to the eager paths bit for bit
 (the interpreter rounds each operation, fma included, as the eager path on AVX2/AVX-512 does; AdamW given a correctly
-rounded sqrt, as in test_native.py), many weights in one launch, and a clear refusal where they cannot run. The
-float64 proofs (tests/test_equivalence.py, cases "... triton") and the AMP skips (tests/test_amp_skip.py) run through
-them too. Skipped where triton is not installed (pip install 'repopt[triton]')."""
+rounded sqrt, as in test_native.py), many weights in one launch, and a clear refusal where they cannot run; float16 and
+bfloat16 weights against the float32 path rounded at each store; the index arithmetic (exact division by constants,
+the INDEX64 variant around element 2^31); the device guard; warm_up. The float64 proofs (tests/test_equivalence.py,
+cases "... triton") and the AMP skips (tests/test_amp_skip.py) run through them too. What only compiling shows is
+bench/triton_compile_check.py's (CI). Skipped where triton is not installed (pip install 'repopt[triton]')."""
 import math
 
 import pytest
@@ -170,7 +172,8 @@ def test_magic_division_is_exact_for_every_divisor_and_numerator_below_2_31():
         m, s = triton_kernels.magic(d)
         assert 0 <= m < 2 ** 32
         top = 2 ** 31 - 1
-        for n in {0, 1, d - 1, d, d + 1, top, top - d, top // d * d, top // d * d - 1, *range(0, 4 * d, max(1, d // 3))}:
+        near = {0, 1, d - 1, d, d + 1, top, top - d, top // d * d, top // d * d - 1}
+        for n in near | set(range(0, 4 * d, max(1, d // 3))):
             if 0 <= n <= top:
                 assert ((n * m >> 32) + n) >> s == n // d, (d, n)
 
@@ -372,7 +375,7 @@ def test_takes_one_signature_and_refuses_unaligned_vectors():
     assert not triton_kernels.takes(p, shifted, mult, buf)
 
 
-def test_the_ptx_check_flags_contractible_and_approximate_operations():
+def test_the_ptx_check_flags_contractible_approximate_and_integer_division_operations():
     import sys
     from pathlib import Path
 
@@ -383,5 +386,28 @@ def test_the_ptx_check_flags_contractible_and_approximate_operations():
          "\tfma.rn.f32 \t%f1, %f2, %f3, %f4;\n\tdiv.rn.f32 \t%f1, %f2, %f3;\n\tsub.s64 \t%rd1, %rd2, %rd3;\n"
     assert ptx_problems(ok) == []
     bad = "\tmul.f32 \t%f1, %f2, %f3;\n\t@%p1 add.ftz.f32 \t%f1, %f2, %f3;\n\tsub.f16x2 \t%r1, %r2, %r3;\n" \
-          "\tmad.f32 \t%f1, %f2, %f3, %f4;\n\tdiv.full.f32 \t%f1, %f2, %f3;\n"
-    assert len(ptx_problems(bad)) == 5
+          "\tmad.f32 \t%f1, %f2, %f3, %f4;\n\tdiv.full.f32 \t%f1, %f2, %f3;\n\tdiv.s64 \t%rd1, %rd2, %rd3;\n" \
+          "\t@!%p2 rem.u32 \t%r1, %r2, %r3;\n"
+    assert len(ptx_problems(bad)) == 7
+
+
+@pytest.mark.parametrize("scale", [2.0 ** 14, 3.0, 2.0 ** -3])
+def test_a_grad_scale_divides_as_the_eager_path_does(monkeypatch, scale):
+    """GradScaler's grad_scale inside the kernel: a power of two by a product with its exact reciprocal, any other
+    scale by a correctly rounded division; both equal the eager path's p.grad / grad_scale bit for bit."""
+    monkeypatch.setattr(torch.Tensor, "sqrt", _correctly_rounded_sqrt)
+    mults = [_branch_set(*SHAPES[0], seed=0), _branch_set(*SHAPES[5], seed=1)]
+    out = {}
+    for path in ("eager", "triton"):
+        g = torch.Generator().manual_seed(3)
+        ws = [nn.Parameter(torch.randn(m.geometry.weight_shape, generator=g)) for m in mults]
+        opt = RepOptAdamW(ws, lr=1e-2, grad_mults=dict(zip(ws, mults)), native=False, triton=path == "triton")
+        opt.grad_scale, opt.found_inf = torch.tensor(scale), torch.tensor(0.0)
+        for _ in range(2):
+            for w in ws:
+                w.grad = torch.randn(w.shape, generator=g) * 1e3
+            opt.step()
+        assert set(opt.path_counts) == {path}
+        out[path] = [w.detach() for w in ws]
+    for a, b in zip(out["triton"], out["eager"]):
+        assert torch.equal(a, b) if TORCH_FUSES else torch.allclose(a, b, rtol=2e-5, atol=2e-6)

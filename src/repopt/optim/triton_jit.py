@@ -4,7 +4,8 @@ Every kernel runs one program per block of BLOCK elements of one weight. The blo
 program, int32 or, with INDEX64, int64) names the weight, the block's first element, and where that element lies (its
 row and its column in the row), computed on the host. Per element only 32-bit index math remains, relative to the
 block: the row and tap come from two divisions by per-weight constants done as a multiply-high, an add and a shift
-(`_udiv`), with no integer division instruction, and the identity's diagonal from a per-row table of its column. `meta` holds each weight's pointers, geometry and those division constants (triton_kernels._META).
+(`_udiv`), with no integer division instruction, and the identity's diagonal from a per-row table of its column.
+`meta` holds each weight's pointers, geometry and those division constants (triton_kernels._META).
 
 Scalars come in a tensor `hyper` of the compute type (float64 weights: float64; else float32, as torch's opmath), so
 that float64 runs in float64. Per element, the C kernels' arithmetic (kernels/*.c): tl.fma exactly where they call
@@ -14,7 +15,7 @@ enable_fp_fusion=False, so the PTX holds mul.rn/add.rn, which ptxas does not con
 import triton
 import triton.language as tl
 
-BLOCK_FIELDS = 4  # which weight, first element, its row, its column in the row
+BLOCK_FIELDS = 4  # which weight, first element, its row, its column in the row (the literal 4 in _where)
 
 
 @triton.jit
@@ -95,11 +96,21 @@ def _sqrt(a, CT: tl.constexpr):
 @triton.jit
 def _grad(g_ptr, lane, mask, scale_ptr, CT: tl.constexpr):
     """The gradient in the compute type, divided by GradScaler's scale where there is one (the launcher passes 1,
-    and x / 1 == x, so skipping the division changes no bit)."""
+    and x / 1 == x, so skipping the division changes no bit). A power of two (what GradScaler keeps) is divided by
+    as a product with its reciprocal, one multiply per element instead of a correctly rounded division: the exact
+    quotient is the same real number, rounded once either way (the reciprocal of a power of two is exact down to
+    2^-149)."""
     g = tl.load(g_ptr + lane, mask=mask, other=0).to(CT)
     scale = tl.load(scale_ptr).to(CT)
     if scale != 1:
-        g = _div(g, scale, CT)
+        if CT == tl.float64:
+            power_of_two = (scale.to(tl.int64, bitcast=True) & 0xFFFFFFFFFFFFF) == 0
+        else:
+            power_of_two = (scale.to(tl.int32, bitcast=True) & 0x7FFFFF) == 0
+        if power_of_two:  # GradScaler's scales: 1 / s is exact, so g * (1 / s) rounds as g / s does
+            g = g * _div(tl.full((), 1, CT), scale, CT)
+        else:
+            g = _div(g, scale, CT)
     return g
 
 

@@ -40,10 +40,14 @@ NMETA = 24  # int64 fields per weight: see _META
 _META = ("p", "g", "s1", "s2", "s3", "table", "numel", "row_len", "taps", "diag_cols", "diag_centre",
          "channels_last", "first", "nb", "plane", "inner", "row_len_magic", "row_len_shift", "inner_magic",
          "inner_shift")
-# (BLOCK, num_warps) per kernel and weight dtype, chosen from the compiled resource use (docs/benchmarks.md, "Triton
-# kernels: compiled resource use"): no spills, and enough elements per thread to amortise each program's scalar loads
-CONFIG = {(kind, dtype): (1024, 4) for kind in ("sgd", "adamw", "lion")
-          for dtype in (torch.float32, torch.float64, torch.float16, torch.bfloat16)}
+# (BLOCK, num_warps) per kernel and weight dtype, chosen from the compiled sm_90 code by the rule of
+# bench/triton_compile_check.py --sweep (no spills, >= 16 resident warps per SM, enough bytes in flight, then the
+# fewest instructions per element): the table is in docs/benchmarks.md, "Triton kernels: compiled resource use"
+_F32, _F64, _F16, _BF16 = torch.float32, torch.float64, torch.float16, torch.bfloat16
+CONFIG = {("sgd", _F32): (1024, 4), ("sgd", _F64): (2048, 8), ("sgd", _F16): (2048, 4), ("sgd", _BF16): (2048, 4),
+          ("adamw", _F32): (1024, 4), ("adamw", _F64): (512, 4), ("adamw", _F16): (1024, 4),
+          ("adamw", _BF16): (1024, 4),
+          ("lion", _F32): (2048, 4), ("lion", _F64): (1024, 4), ("lion", _F16): (1024, 4), ("lion", _BF16): (2048, 4)}
 INT32_LIMIT = 2 ** 31  # a launch with a tensor of this many elements or more takes the INDEX64 variant
 _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 _state = {"kernels": None, "error": None}

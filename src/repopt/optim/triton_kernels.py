@@ -341,7 +341,8 @@ def warm_up(kind: str, group: dict, params: list) -> None:
             with _on_device(device):
                 compiled = kernel.warmup(torch.int64, torch.int64 if variant["INDEX64"] else torch.int32, *pointers,
                                          grid=(1,), **variant)
-                compiled._init_handles()  # load the module: the driver's own checks (PTX version, image) run here
+                if compiled is not None:  # None: a jit_cache_hook of the user's took over the compile
+                    compiled._init_handles()  # load the module: the driver's checks (PTX version, image) run here
         except Exception as e:
             raise PathUnavailable(f"the Triton {kind} kernel cannot run on {device}: {_cause(e)}") from e
         _ready.add(key)

@@ -368,7 +368,6 @@ def test_takes_one_signature_and_refuses_unaligned_vectors():
     mult = _branch_set(8, 8, 3, 1, ("3x3", "identity"), seed=0)
     p, g, buf = (torch.zeros(8, 8, 3, 3) for _ in range(3))
     assert triton_kernels.takes(p, g, mult, buf) and triton_kernels.takes(p, g, mult, None)
-    assert triton_kernels.takes(p, mult, g, buf)  # the older order, until every caller uses the one above
     assert not triton_kernels.takes(p, g, mult, buf.double())
     storage = torch.zeros(8 * 8 * 9 + 1)
     shifted = storage[1:].view(8, 8, 3, 3)  # 4 bytes past an aligned address: no 16-byte vectors

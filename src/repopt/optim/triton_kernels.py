@@ -154,10 +154,8 @@ def _meta_row(p: Tensor, mult, grad: Tensor, s1=None, s2=None, s3=None, table=No
 # ---- which tensors the kernels take ------------------------------------------------------------------------------
 def takes(p: Tensor, grad: Tensor, mult, *state: Tensor | None) -> bool:
     """Can the kernels update weight p (dense, contiguous or channels_last, float) with this gradient, multiplier and
-    state (None: absent)? Every tensor must share p's dtype, strides and device and not overlap another.
-    (Until the optimizers' router calls it so, the older order takes(p, mult, grad, ...) is accepted too.)"""
-    if not isinstance(grad, Tensor) and isinstance(mult, Tensor):
-        grad, mult = mult, grad
+    state (None: absent)? Every tensor must share p's dtype, strides and device and not overlap another. The
+    signature is native.takes's: the router (optim/base.py) asks every backend the same way."""
     fields = native.layout_fields(p, mult)
     if fields is None or p.dtype not in _DTYPES or type(p) not in native._PLAIN:
         return False

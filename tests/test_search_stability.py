@@ -134,3 +134,13 @@ def test_the_pipeline_report_says_whether_the_search_settled():
     text = report_markdown(report)
     assert "Hyper-search: scales moved 8.000% over the last 4 of 20 epochs" in text
     assert "Warning: the hyper-search's scales have not settled" in text
+
+
+def test_a_one_epoch_search_is_not_judged():
+    """With one epoch the last fifth is the whole path (always 100 %): no verdict, no warning, a line that says so."""
+    from repopt.search_trajectory import describe_settling, settling
+
+    report = settling([{"epoch": 0, "moved": None, "layers": {}},
+                       {"epoch": 1, "moved": 0.25, "layers": {"stage0.conv": {"3x3": {"moved": 0.25}}}}])
+    assert report["settled"] is None and report["warning"] is None
+    assert "too short to tell" in describe_settling(report)

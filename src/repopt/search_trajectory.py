@@ -33,6 +33,7 @@ TRAJECTORY = "scales_trajectory.jsonl"
 INITIAL = "scales_initial.safetensors"
 LAST_FRACTION = 0.2    # "the last epochs": the last fifth of the run (at least one epoch)
 SETTLED_BELOW = 0.05   # the most of the whole path that may lie in that fifth (see the module's docstring)
+MIN_JUDGED_EPOCHS = 2  # with one epoch the "last fifth" is the whole path: nothing to judge
 
 
 def _flat(scales) -> dict[tuple[str, str], torch.Tensor]:
@@ -123,6 +124,8 @@ def settling(records: list[dict], last_fraction: float = LAST_FRACTION, threshol
     if not trained:
         return {"epochs": 0, "settled": None, "warning": None}
     last = trained[-1]["epoch"]
+    if last < MIN_JUDGED_EPOCHS:
+        return {"epochs": last, "settled": None, "warning": None}
     window = max(1, math.ceil(last * last_fraction))
     tail = [r for r in trained if r["epoch"] > last - window]
     path, moved = sum(r["moved"] for r in trained), sum(r["moved"] for r in tail)
@@ -149,6 +152,9 @@ def describe_settling(report: dict) -> str:
     """The one line a search prints at its end (the warning, when there is one, comes apart)."""
     if not report.get("epochs"):
         return "no trajectory of the scales recorded"
+    if report.get("settled") is None:
+        return (f"scales not judged: {report['epochs']} epoch(s) is too short to tell whether they settled (at least "
+                f"{MIN_JUDGED_EPOCHS})")
     initial = "" if report["from_initial"] is None else f", {report['from_initial']:.2%} from their initial values"
     return (f"scales moved {report['moved_last']:.3%} over the last {report['window_epochs']} of {report['epochs']} "
             f"epochs, {report['share_last']:.1%} of their whole path ({'settled' if report['settled'] else 'not settled'}"

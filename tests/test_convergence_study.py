@@ -118,3 +118,12 @@ def test_gpu_science_cpu_mode_runs_end_to_end(tmp_path):
     runs = [line for line in lines if "run" in line]
     assert summary["finished"] == len(runs) >= 1 and summary["failed"] == []
     assert summary["tables"]["study"]["lengths"] == [2, 1] and (tmp_path / "tables.md").is_file()
+
+
+def test_the_published_tables_are_the_printout_of_the_kept_run_files(capsys):
+    """docs/results.md section 10 holds what convergence_tables.py prints from docs/runs/convergence: no cell typed."""
+    kept = ROOT / "docs" / "runs" / "convergence"
+    convergence_tables.tables(kept, {})
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| repopt_vgg_")]
+    doc = (ROOT / "docs" / "results.md").read_text()
+    assert len(rows) >= 2 * 3 * 3 and all(row in doc for row in rows)

@@ -20,6 +20,8 @@ from convergence_tables import curve, final, seconds_per_image  # noqa: E402
 from plots import COLOURS  # noqa: E402
 from stats import se  # noqa: E402
 
+from repopt._io import atomic_write  # noqa: E402
+
 
 def mean_curve(root: Path, st: Study, net: str, epochs: int, method: str) -> list[tuple[float, float]]:
     """[(images seen, mean test top-1)] over the seeds whose run finished (the same tested epochs in each)."""
@@ -69,10 +71,8 @@ def draw(root: Path, out: Path) -> None:
         for ax in (by_images, by_time):
             ax.set_ylim(bottom=max(0.0, ax.get_ylim()[0]))
     fig.tight_layout()
-    tmp = out.with_name(out.name + ".part.png")
-    fig.savefig(tmp, dpi=90)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=90))  # the PNG appears whole or not at all
     plt.close(fig)
-    tmp.replace(out)  # the PNG appears whole or not at all
 
 
 def main() -> None:

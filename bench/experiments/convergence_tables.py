@@ -23,16 +23,13 @@ HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 from convergence import Study, sched_dir  # noqa: E402
 from stats import mean_se, paired, paired_cell, se  # noqa: E402
+from tables import _json  # noqa: E402
 
 from repopt._io import write_json  # noqa: E402
 
 CONVERGED_POINTS = 0.3  # the criterion: moved less than this over the last fifth, and the longer run gains less
 ABLATIONS = (("RepOpt (full)", None), ("masks, no re-initialisation", "no-reinit"),
              ("re-initialisation, no masks", "no-mask"), ("all scales 1 (no search)", "ones"))
-
-
-def _json(path: Path) -> dict | None:
-    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def curve(run: Path) -> list[tuple[int, float, float]] | None:

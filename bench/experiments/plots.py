@@ -19,6 +19,8 @@ from fmnist import METHODS, NETS, SEEDS  # noqa: E402
 from stats import se  # noqa: E402
 from tables import _json, _method_top1, _pipeline  # noqa: E402
 
+from repopt._io import atomic_write  # noqa: E402
+
 DEPTH = {"repopt_vgg_tiny": 7, "repopt_vgg_a0": 22, "repopt_vgg_l0": 48}  # 3x3 conv layers of the deployed net
 COLOURS = {"repopt": "tab:green", "repvgg": "tab:blue", "plain": "tab:red"}
 
@@ -76,10 +78,8 @@ def draw(root: Path, out: Path) -> None:
         ax.legend()
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    tmp = out.with_name(out.name + ".part.png")
-    fig.savefig(tmp, dpi=100)
+    atomic_write(out, lambda tmp: fig.savefig(tmp, dpi=100))  # the PNG appears whole or not at all
     plt.close(fig)
-    tmp.replace(out)  # the PNG appears whole or not at all
 
 
 def main() -> None:

@@ -6,7 +6,7 @@
 C1  final top-1 per net, schedule and method; paired differences RepOpt - RepVGG and RepOpt - plain, by seed
 C2  convergence: how far each method's test top-1 still moved over the last fifth of its longest run, and what the
     longest schedule gained over the next shorter one (paired by seed)
-C3  the paper's Table 4 at the longest schedule on the 48-layer net
+C3  the paper's Table 4 at its schedule (the longest unless the study sets another) on the 48-layer net
 C4  time-to-accuracy: images seen and wall time until each method's test top-1 first reaches RepVGG's final top-1 of
     the same schedule and seed (wall time = images x the seconds per image measured side by side by
     method_throughput.py; evaluation time excluded)
@@ -126,7 +126,7 @@ def table_convergence(root: Path, st: Study, out: dict) -> None:
 
 
 def table_ablations(root: Path, st: Study, out: dict) -> None:
-    longest = sorted(st.lengths)[-1]
+    longest = st.ablation_length
     print(f"## C3. The paper's Table 4 at {longest} epochs on {st.deepest}\n")
     print(f"| variant | top-1 per seed {', '.join(map(str, st.seeds))} (%) | mean ± s.e. (%) | paired: full - this |")
     print("|---|---|---|---|")

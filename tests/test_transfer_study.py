@@ -61,3 +61,24 @@ def test_a_root_holding_another_study_is_refused(tmp_path):
     transfer.Study().save(tmp_path)
     with pytest.raises(SystemExit, match="records another study"):
         transfer.Study(subset=500).save(tmp_path)
+
+
+def test_the_figure_is_drawn_from_the_runs_files(tmp_path):
+    pytest.importorskip("matplotlib")
+    import transfer_plot
+
+    study = transfer.Study(seeds=(0, 1))
+    study.save(tmp_path)
+    for row, top1 in (("ft/repopt", (50.0, 90.0)), ("scratch/plain", (20.0, 40.0))):
+        for s in study.seeds:
+            run = tmp_path / row / f"s{s}"
+            run.mkdir(parents=True)
+            lines = [{"epoch": e + 1, "images_per_s": 100.0, "epoch_seconds": 10.0, "test_top1": t + s}
+                     for e, t in enumerate(top1)]
+            (run / "metrics.jsonl").write_text("\n".join(json.dumps(m) for m in lines))
+            (run / "result.json").write_text(json.dumps({"top1": top1[-1] + s}))
+    # the mean over seeds, at the images seen by each test
+    assert transfer_plot.mean_curve(tmp_path, study, "ft/repopt") == [(1000, 50.5), (2000, 90.5)]
+    assert transfer_plot.mean_curve(tmp_path, study, "ft/plain") == []
+    transfer_plot.draw(tmp_path, tmp_path / "fig.png")
+    assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -14,9 +14,10 @@ per-channel and per-tensor). Rows, each over Study.seeds (paired by seed: the sa
   ft/repvgg       RepVGG fine-tuned multi-branch from pre/repvgg, then fused (its result's deployed_top1)
   scratch/METHOD  repopt / repvgg / plain trained from scratch on the small subset, same epochs, the default recipe
 
-Fine-tuning uses `--recipe finetune` (BiT-HyperRule's optimizer, app/recipes.py) for 128,000 images seen
-(Study.finetune_epochs x Study.subset): half BiT's length below 20,000 images (500 steps of 512), to fit the study in
-about 100 minutes of one core beside the convergence study (2,000 steps of 64 images: still 4x BiT's steps); the classifier has 5 outputs on both halves, so it is
+Fine-tuning uses `--recipe finetune` (BiT-HyperRule's optimizer, app/recipes.py) for 100,000 images seen
+(Study.finetune_epochs x Study.subset): 0.4x BiT's length below 20,000 images (500 steps of 512), to fit the study in
+about two hours of one shared core beside the convergence study (1,600 steps of 64 images: still 3x BiT's step
+count); the classifier has 5 outputs on both halves, so it is
 loaded with the rest (timm's convention: a head of the same size is kept). The runner (start order, logs, resume) is
 fmnist.py's. Sizes are chosen for a shared 2-core CPU like convergence.py's (16x16 images), from its measured
 throughput (repopt_vgg_a0 at 16x16, one thread: 830-955 images/s plain, 609-694 RepVGG).
@@ -56,7 +57,7 @@ class Study(Recorded):
     pretrain_epochs: int = 5                # 150,000 images: as many as section 1's 5 epochs of 10,000, x3
     hs_epochs: int = 5
     subset: int = 1000                      # the issue's 500-2,000 images
-    finetune_epochs: int = 128              # 128,000 images seen: half BiT-HyperRule's length below 20,000 images
+    finetune_epochs: int = 100              # 100,000 images seen: 0.4x BiT-HyperRule's length below 20,000 images
 
     def args(self, classes: str) -> list[str]:
         out = ["--arch", self.net, "--dataset", self.dataset, "--image-size", str(self.image_size), "--batch-size",

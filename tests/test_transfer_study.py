@@ -29,7 +29,7 @@ def test_every_run_is_a_valid_command_whose_inputs_an_earlier_run_makes(tmp_path
             pre = j.name.startswith("pre/")
             assert args.classes == ([0, 1, 2, 3, 4] if pre else [5, 6, 7, 8, 9])
             assert (args.train_subset, args.init_from is not None) == ((None, False) if pre else
-                                                                       (1000, j.name.startswith("ft/")))
+                                                                       (1000, j.name.startswith("ft")))
             assert (args.recipe == "finetune") == j.name.startswith("ft/")
     ft = {j.name: j.argv for j in jobs if j.name.startswith("ft/") and j.name.endswith("/s0")}
     source = lambda argv: argv[argv.index("--init-from") + 1]  # noqa: E731

@@ -13,6 +13,8 @@ per-channel and per-tensor). Rows, each over Study.seeds (paired by seed: the sa
   ft/plain        the same weights fine-tuned without them (plain SGD: RepOpt with --no-mask is refused as exactly this)
   ft/repvgg       RepVGG fine-tuned multi-branch from pre/repvgg, then fused (its result's deployed_top1)
   scratch/METHOD  repopt / repvgg / plain trained from scratch on the small subset, same epochs, the default recipe
+  ft-default/M    diagnostic, after the main rows: RepOpt's weights fine-tuned with the from-scratch recipe instead of
+                  BiT's (repopt with its multipliers, plain SGD without): does the recipe or the start decide? No INT8
 
 Fine-tuning uses `--recipe finetune` (BiT-HyperRule's optimizer, app/recipes.py) for 100,000 images seen
 (Study.finetune_epochs x Study.subset): 0.4x BiT's length below 20,000 images (500 steps of 512), to fit the study in
@@ -24,7 +26,7 @@ throughput (repopt_vgg_a0 at 16x16, one thread: 830-955 images/s plain, 609-694 
 
   hs/sS                 `repopt search` on the pre-training classes
   pre/METHOD/sS         `repopt train` on the pre-training classes: repopt (hs/sS's scales), repvgg
-  ft/ROW/sS, scratch/METHOD/sS, int8/ROW/sS-Q
+  ft/ROW/sS, scratch/METHOD/sS, int8/ROW/sS-Q, ft-default/METHOD/sS
 """
 from __future__ import annotations
 
@@ -72,6 +74,7 @@ class Study(Recorded):
 
 DEFAULT = Study()
 ROWS = ("ft/repopt", "ft/plain", "ft/repvgg", "scratch/repopt", "scratch/repvgg", "scratch/plain")
+DIAGNOSTIC = ("ft-default/repopt", "ft-default/plain")  # RepOpt's weights fine-tuned with the from-scratch recipe
 QUANT = {"per-channel": [], "per-tensor": ["--per-tensor"]}
 
 
@@ -107,6 +110,14 @@ def jobs(root: Path, study: Study = DEFAULT) -> list[Job]:
                 name = f"int8/{row}/s{s}-{q}"
                 out.append(Job(name, ["quantize", r(f"{row}/s{s}"), *extra, "--threads", "1", "--repeats", "3",
                                       "--json"], f"{name}.json", [f"{row}/s{s}/result.json"], f"{name}.json"))
+    for s in st.seeds:  # after every seed's main rows: is it the weights or the fine-tuning recipe that lags scratch?
+        scales, source = f"hs/s{s}/scales.safetensors", f"pre/repopt/s{s}/model.safetensors"
+        for row, method, extra in (("ft-default/repopt", "repopt", ["--scales", r(scales)]),
+                                   ("ft-default/plain", "plain", [])):
+            d = f"{row}/s{s}"
+            out.append(Job(d, ["train", "--method", method, *st.finetune_args(), "--init-from", r(source), *extra,
+                               "--seed", str(s), "--out", r(d)], f"{d}/result.json",
+                           [source, *([scales] if extra else [])]))
     return out
 
 
@@ -127,7 +138,7 @@ def table(root: Path, study: Study) -> str:
              "| row | deployed top-1 (%) | vs ft/repopt | INT8 per-channel | INT8 per-tensor |",
              "|---|---|---|---|---|"]
     base = column("ft/repopt", "deployed_top1")
-    for row in ROWS:
+    for row in ROWS + DIAGNOSTIC:
         top1 = column(row, "deployed_top1")
         cells = []
         for values in (top1, column(row, "int8_top1", "per-channel"), column(row, "int8_top1", "per-tensor")):
@@ -136,6 +147,10 @@ def table(root: Path, study: Study) -> str:
         pairs = [(a, b) for a, b in zip(top1, base) if a is not None and b is not None]
         vs = "-" if row == "ft/repopt" or not pairs else paired_cell(paired(*map(list, zip(*pairs))))
         lines.append(f"| {row} | {cells[0]} | {vs} | {cells[1]} | {cells[2]} |")
+    lines.append("")
+    for method in ("repopt", "repvgg"):  # what the fine-tuned rows start from, on the pre-training classes' test split
+        done = [v for v in column(f"pre/{method}", "deployed_top1") if v is not None]
+        lines.append(f"pre/{method} (classes {study.pretrain_classes}, deployed): " + (mean_se(done) if done else "-"))
     return "\n".join(lines)
 
 

@@ -13,8 +13,9 @@ per-channel and per-tensor). Rows, each over Study.seeds (paired by seed: the sa
   ft/plain        the same weights fine-tuned without them (plain SGD: RepOpt with --no-mask is refused as exactly this)
   ft/repvgg       RepVGG fine-tuned multi-branch from pre/repvgg, then fused (its result's deployed_top1)
   scratch/METHOD  repopt / repvgg / plain trained from scratch on the small subset, same epochs, the default recipe
-  ft-default/M    diagnostic, after the main rows: RepOpt's weights fine-tuned with the from-scratch recipe instead of
-                  BiT's (repopt with its multipliers, plain SGD without): does the recipe or the start decide? No INT8
+  ft-default/M    diagnostic, after the main rows: ft/M again with the from-scratch recipe instead of BiT's (repopt
+                  with its multipliers and plain SGD from RepOpt's weights, repvgg from its own): does the recipe or
+                  the start decide? No INT8
 
 Fine-tuning uses `--recipe finetune` (BiT-HyperRule's optimizer, app/recipes.py) for 100,000 images seen
 (Study.finetune_epochs x Study.subset): 0.4x BiT's length below 20,000 images (500 steps of 512), to fit the study in
@@ -74,7 +75,14 @@ class Study(Recorded):
 
 DEFAULT = Study()
 ROWS = ("ft/repopt", "ft/plain", "ft/repvgg", "scratch/repopt", "scratch/repvgg", "scratch/plain")
-DIAGNOSTIC = ("ft-default/repopt", "ft-default/plain")  # RepOpt's weights fine-tuned with the from-scratch recipe
+DIAGNOSTIC = ("ft-default/repopt", "ft-default/plain", "ft-default/repvgg")  # fine-tuned with the from-scratch recipe
+PAIRS = (("ft/repopt", "ft/plain", "the multipliers, BiT recipe"),
+         ("ft-default/repopt", "ft-default/plain", "the multipliers, from-scratch recipe"),
+         ("ft/repopt", "ft/repvgg", "RepOpt vs RepVGG, both fine-tuned, BiT recipe"),
+         ("ft-default/repopt", "ft-default/repvgg", "RepOpt vs RepVGG, both fine-tuned, from-scratch recipe"),
+         ("ft-default/repopt", "scratch/repopt", "pre-training, RepOpt"),
+         ("ft-default/plain", "scratch/plain", "pre-training, plain SGD"),
+         ("ft-default/repopt", "ft/repopt", "the recipe"))
 QUANT = {"per-channel": [], "per-tensor": ["--per-tensor"]}
 
 
@@ -111,9 +119,10 @@ def jobs(root: Path, study: Study = DEFAULT) -> list[Job]:
                 out.append(Job(name, ["quantize", r(f"{row}/s{s}"), *extra, "--threads", "1", "--repeats", "3",
                                       "--json"], f"{name}.json", [f"{row}/s{s}/result.json"], f"{name}.json"))
     for s in st.seeds:  # after every seed's main rows: is it the weights or the fine-tuning recipe that lags scratch?
-        scales, source = f"hs/s{s}/scales.safetensors", f"pre/repopt/s{s}/model.safetensors"
+        scales = f"hs/s{s}/scales.safetensors"
         for row, method, extra in (("ft-default/repopt", "repopt", ["--scales", r(scales)]),
-                                   ("ft-default/plain", "plain", [])):
+                                   ("ft-default/plain", "plain", []), ("ft-default/repvgg", "repvgg", [])):
+            source = f"pre/{'repvgg' if method == 'repvgg' else 'repopt'}/s{s}/model.safetensors"
             d = f"{row}/s{s}"
             out.append(Job(d, ["train", "--method", method, *st.finetune_args(), "--init-from", r(source), *extra,
                                "--seed", str(s), "--out", r(d)], f"{d}/result.json",
@@ -147,6 +156,12 @@ def table(root: Path, study: Study) -> str:
         pairs = [(a, b) for a, b in zip(top1, base) if a is not None and b is not None]
         vs = "-" if row == "ft/repopt" or not pairs else paired_cell(paired(*map(list, zip(*pairs))))
         lines.append(f"| {row} | {cells[0]} | {vs} | {cells[1]} | {cells[2]} |")
+    lines.append("")
+    for a, b, what in PAIRS:
+        pairs = [(x, y) for x, y in zip(column(a, "deployed_top1"), column(b, "deployed_top1"))
+                 if x is not None and y is not None]
+        cell = paired_cell(paired(*map(list, zip(*pairs)))) if pairs else "-"
+        lines.append(f"{a} - {b} ({what}), paired by seed: {cell}")
     lines.append("")
     for method in ("repopt", "repvgg"):  # what the fine-tuned rows start from, on the pre-training classes' test split
         done = [v for v in column(f"pre/{method}", "deployed_top1") if v is not None]

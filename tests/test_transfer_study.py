@@ -82,3 +82,15 @@ def test_the_figure_is_drawn_from_the_runs_files(tmp_path):
     assert transfer_plot.mean_curve(tmp_path, study, "ft/plain") == []
     transfer_plot.draw(tmp_path, tmp_path / "fig.png")
     assert (tmp_path / "fig.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_published_table_is_the_printout_of_the_kept_run_files():
+    """docs/results.md section 11 holds what transfer.py's table prints from docs/runs/transfer: no cell typed."""
+    root = Path(__file__).resolve().parents[1]
+    kept = root / "docs" / "runs" / "transfer"
+    printed = transfer.table(kept, transfer.Study.load(kept)).splitlines()
+    rows = [line for line in printed if line.startswith(("| ft", "| scratch", "ft", "pre/"))]
+    doc = (root / "docs" / "results.md").read_text()
+    assert len(rows) == len(transfer.ROWS) + len(transfer.DIAGNOSTIC) + len(transfer.PAIRS) + 2
+    assert all(row in doc for row in rows), [row for row in rows if row not in doc]
+    assert "(n=" not in "\n".join(rows[:len(transfer.ROWS)])  # every main row holds every seed

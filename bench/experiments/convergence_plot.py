@@ -16,7 +16,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
 from convergence import Study, sched_dir  # noqa: E402
-from convergence_tables import curve, final, seconds_per_image  # noqa: E402
+from convergence_tables import final, mean_curve_of, seconds_per_image  # noqa: E402
 from plots import COLOURS  # noqa: E402
 from stats import se  # noqa: E402
 
@@ -24,12 +24,8 @@ from repopt._io import atomic_write  # noqa: E402
 
 
 def mean_curve(root: Path, st: Study, net: str, epochs: int, method: str) -> list[tuple[float, float]]:
-    """[(images seen, mean test top-1)] over the seeds whose run finished (the same tested epochs in each)."""
-    curves = [c for c in (curve(root / sched_dir(net, epochs, method, s)) for s in st.seeds) if c]
-    if not curves:
-        return []
-    return [(statistics.mean(c[i][1] for c in curves), statistics.mean(c[i][2] for c in curves))
-            for i in range(min(len(c) for c in curves))]
+    """[(images seen, mean test top-1)] over the seeds whose run finished."""
+    return mean_curve_of([root / sched_dir(net, epochs, method, s) for s in st.seeds])
 
 
 def draw(root: Path, out: Path) -> None:

@@ -45,6 +45,15 @@ def curve(run: Path) -> list[tuple[int, float, float]] | None:
     return out
 
 
+def mean_curve_of(runs: list[Path]) -> list[tuple[float, float]]:
+    """[(images seen, mean test top-1)] over the runs that finished (the same tested epochs in each)."""
+    curves = [c for c in map(curve, runs) if c]
+    if not curves:
+        return []
+    return [(statistics.mean(c[i][1] for c in curves), statistics.mean(c[i][2] for c in curves))
+            for i in range(min(len(c) for c in curves))]
+
+
 def final(run: Path) -> float | None:
     r = _json(run / "result.json")
     return None if r is None else r["top1"]

@@ -8,13 +8,12 @@ fine-tuned rows (solid) and the three trained from scratch on the same small sub
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path[:0] = [str(HERE), str(HERE.parent)]
-from convergence_tables import curve  # noqa: E402
+from convergence_tables import mean_curve_of  # noqa: E402
 from plots import COLOURS  # noqa: E402
 from transfer import ROWS, Study  # noqa: E402
 
@@ -22,12 +21,8 @@ from repopt._io import atomic_write  # noqa: E402
 
 
 def mean_curve(root: Path, st: Study, row: str) -> list[tuple[float, float]]:
-    """[(images seen, mean test top-1)] of one row over its finished seeds (the same tested epochs in each)."""
-    curves = [c for c in (curve(root / row / f"s{s}") for s in st.seeds) if c]
-    if not curves:
-        return []
-    return [(statistics.mean(c[i][1] for c in curves), statistics.mean(c[i][2] for c in curves))
-            for i in range(min(len(c) for c in curves))]
+    """[(images seen, mean test top-1)] of one row over its finished seeds."""
+    return mean_curve_of([root / row / f"s{s}" for s in st.seeds])
 
 
 def draw(root: Path, out: Path) -> None:
